@@ -1,0 +1,7 @@
+"""The LSTM encoder-decoder with MoE layers between LSTM layers."""
+
+from nmt_moe.models.decoder import DecoderState, StepOutput
+from nmt_moe.models.encoder import EncoderOutput
+from nmt_moe.models.seq2seq import Seq2Seq, Seq2SeqOutput
+
+__all__ = ["DecoderState", "EncoderOutput", "Seq2Seq", "Seq2SeqOutput", "StepOutput"]

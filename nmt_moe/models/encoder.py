@@ -1,0 +1,76 @@
+"""GNMT encoder: a bidirectional bottom LSTM, unidirectional LSTMs above it, residuals from layer 3 up, and
+MoE (or dense FFN) layers between LSTM layers.
+
+Each LSTM layer is one fused `nn.LSTM` call over the whole sequence. Only the bidirectional layer is packed:
+its backward direction would otherwise read padding first. Unidirectional layers read right-padded input, so
+their outputs at real positions never see padding and need no packing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from nmt_moe.models.ffn import apply_ffn
+
+
+@dataclass
+class EncoderOutput:
+    """What the decoder reads of a source batch; `keys` are the attention keys, computed once."""
+
+    memory: Tensor  # [B, S, H]
+    keys: Tensor  # [B, S, H]
+    mask: Tensor  # [B, S] bool, True = real token
+
+    def index_select(self, index: Tensor) -> EncoderOutput:
+        """Rows `index` [N] of the batch (reordering for beams, dropping finished sentences)."""
+        return EncoderOutput(self.memory[index], self.keys[index], self.mask[index])
+
+
+class Encoder(nn.Module):
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        hidden_size: int,
+        num_layers: int,
+        dropout: float,
+        moe_after: list[int],
+        ffns: list[nn.Module],
+    ) -> None:
+        """`ffns[i]` goes after LSTM layer `moe_after[i]` (1-based: [2] = between layers 2 and 3)."""
+        super().__init__()
+        self.embedding = embedding
+        self.dropout = nn.Dropout(dropout)
+        self.bottom = nn.LSTM(embedding.embedding_dim, hidden_size // 2, batch_first=True, bidirectional=True)
+        self.layers = nn.ModuleList(
+            nn.LSTM(hidden_size, hidden_size, batch_first=True) for _ in range(num_layers - 1)
+        )
+        self.moe_after = list(moe_after)
+        self.moe = nn.ModuleList(ffns)
+
+    def forward(self, src: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """src [B, S], src_lengths [B] -> memory [B, S, H], mask [B, S], {"encoder.moe<i>": MoEOutput}."""
+        B, S = src.shape
+        mask = torch.arange(S, device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)  # [B, S]
+        x = self.dropout(self.embedding(src))  # [B, S, E]
+        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        x, _ = pad_packed_sequence(self.bottom(packed)[0], batch_first=True, total_length=S)  # [B, S, H]
+        moe_outputs: dict[str, Any] = {}
+        x = self._ffns_after(1, x, mask, moe_outputs)
+        for layer_number, lstm in enumerate(self.layers, start=2):
+            y, _ = lstm(self.dropout(x))  # [B, S, H]
+            x = y + x if layer_number >= 3 else y
+            x = self._ffns_after(layer_number, x, mask, moe_outputs)
+        return x, mask, moe_outputs
+
+    def _ffns_after(self, layer_number: int, x: Tensor, mask: Tensor, outputs: dict[str, Any]) -> Tensor:
+        for i, position in enumerate(self.moe_after):
+            if position == layer_number:
+                x, out = apply_ffn(self.moe[i], x, mask, self.dropout)
+                if out is not None:
+                    outputs[f"encoder.moe{i}"] = out
+        return x

@@ -1,0 +1,196 @@
+"""The MoE encoder-decoder of Shazeer et al. (2017) on a GNMT-style LSTM stack, built from typed arguments.
+
+`Seq2Seq(**model.config)` rebuilds a model from a checkpoint; `forward` is teacher forcing for training;
+`encode` / `init_state` / `decode_step` are what greedy and beam search drive one token at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nmt_moe.models.attention import ATTENTION_TYPES
+from nmt_moe.models.decoder import Decoder, DecoderState, StepOutput
+from nmt_moe.models.encoder import Encoder, EncoderOutput
+from nmt_moe.models.ffn import FFN_TYPES, build_ffn
+
+# Fixed by the tokenizer contract (nmt_moe.data.tokenizer): the model needs PAD for masking and embeddings.
+PAD_ID = 0
+
+
+@dataclass
+class Seq2SeqOutput:
+    logits: Tensor  # [B, T, V]
+    moe: dict[str, Any] = field(default_factory=dict)  # "encoder.moe0", "decoder.moe0", ... -> MoEOutput
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Sum of the (already weighted) auxiliary losses of all MoE layers; 0 without MoE layers."""
+        return sum((out.aux_loss for out in self.moe.values()), self.logits.new_zeros(()))
+
+
+class Seq2Seq(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 256,
+        hidden_size: int = 256,
+        encoder_layers: int = 2,
+        decoder_layers: int = 2,
+        attention: str = "general",
+        input_feeding: bool = True,
+        dropout: float = 0.2,
+        tie_embeddings: bool = True,
+        share_embeddings: bool = True,
+        ffn: str = "moe",
+        encoder_moe_after: Sequence[int] = (1,),
+        decoder_moe_after: Sequence[int] = (1,),
+        num_experts: int = 8,
+        k: int = 2,
+        gate: str = "noisy_topk",
+        d_hidden: int = 512,
+        moe_options: dict[str, Any] | None = None,
+    ) -> None:
+        """Args:
+        vocab_size: joint source/target vocabulary (one SentencePiece model serves both sides).
+        embed_dim, hidden_size: embedding and LSTM sizes; the bidirectional bottom encoder layer uses
+            hidden_size / 2 per direction.
+        encoder_layers, decoder_layers: LSTM layers; residual connections start at the third layer.
+        attention: "general" | "dot" | "additive".
+        input_feeding: feed the previous attention context to the bottom decoder layer (better quality; makes
+            that layer step token by token in training).
+        tie_embeddings: the output layer shares the target embedding matrix.
+        share_embeddings: source and target share one embedding matrix.
+        ffn: "moe" (MoELayer), "dense" (FeedForward with hidden k * d_hidden: equal compute per token), or
+            "none" (plain LSTM stack, the positions below are ignored).
+        encoder_moe_after, decoder_moe_after: 1-based LSTM layers followed by an MoE layer ([2] = between
+            layers 2 and 3); each must be below the top layer.
+        num_experts, k, gate, d_hidden: MoELayer settings; moe_options: any further MoELayer keyword.
+        """
+        super().__init__()
+        encoder_moe_after, decoder_moe_after = list(encoder_moe_after), list(decoder_moe_after)
+        moe_options = dict(moe_options or {})
+        _validate(
+            vocab_size, embed_dim, hidden_size, encoder_layers, decoder_layers, attention, dropout, ffn,
+            encoder_moe_after, decoder_moe_after, num_experts, k, d_hidden,
+        )  # fmt: skip
+        self._config = dict(
+            vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size,
+            encoder_layers=encoder_layers, decoder_layers=decoder_layers, attention=attention,
+            input_feeding=input_feeding, dropout=dropout, tie_embeddings=tie_embeddings,
+            share_embeddings=share_embeddings, ffn=ffn, encoder_moe_after=encoder_moe_after,
+            decoder_moe_after=decoder_moe_after, num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden,
+            moe_options=moe_options,
+        )  # fmt: skip
+        if ffn == "none":
+            encoder_moe_after, decoder_moe_after = [], []
+
+        def ffns(count: int) -> list[nn.Module]:
+            kwargs = dict(num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden, options=moe_options)
+            return [build_ffn(ffn, hidden_size, **kwargs) for _ in range(count)]
+
+        src_embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
+        tgt_embedding = src_embedding if share_embeddings else nn.Embedding(vocab_size, embed_dim, PAD_ID)
+        self.encoder = Encoder(
+            src_embedding,
+            hidden_size,
+            encoder_layers,
+            dropout,
+            encoder_moe_after,
+            ffns(len(encoder_moe_after)),
+        )
+        self.decoder = Decoder(
+            tgt_embedding, hidden_size, decoder_layers, attention, input_feeding, dropout,
+            decoder_moe_after, ffns(len(decoder_moe_after)), tie_embeddings, PAD_ID,
+        )  # fmt: skip
+        self._init_lstm_weights()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The init arguments as primitives: `Seq2Seq(**model.config)` rebuilds this model."""
+        return {key: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                for key, v in self._config.items()}  # fmt: skip
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Seq2SeqOutput:
+        """Teacher forcing: src [B, S], src_lengths [B], tgt_in [B, T] (BOS + target) -> logits [B, T, V]."""
+        memory, mask, enc_moe = self.encoder(src, src_lengths)
+        enc = EncoderOutput(memory, self.decoder.attention.keys(memory), mask)
+        logits, dec_moe = self.decoder(tgt_in, enc)
+        return Seq2SeqOutput(logits, {**enc_moe, **dec_moe})
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        """src [B, S], src_lengths [B] -> memory, attention keys (computed once here) and mask."""
+        memory, mask, _ = self.encoder(src, src_lengths)
+        return EncoderOutput(memory, self.decoder.attention.keys(memory), mask)
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        return self.decoder.init_state(enc)
+
+    def decode_step(self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput) -> StepOutput:
+        """prev_tokens [N] -> StepOutput(log_probs [N, V], state, attention [N, S], expert_index)."""
+        return self.decoder.step(prev_tokens, state, enc)
+
+    def _init_lstm_weights(self) -> None:
+        """Uniform(-0.1, 0.1) for the recurrent stack and embeddings (the usual LSTM-NMT init); MoE layers
+        keep their own init."""
+        moe_params = {id(p) for m in [*self.encoder.moe, *self.decoder.moe] for p in m.parameters()}
+        for p in self.parameters():
+            if id(p) not in moe_params:
+                nn.init.uniform_(p, -0.1, 0.1)
+        with torch.no_grad():
+            self.encoder.embedding.weight[PAD_ID].zero_()
+            self.decoder.embedding.weight[PAD_ID].zero_()
+
+
+def _validate(
+    vocab_size: int,
+    embed_dim: int,
+    hidden_size: int,
+    encoder_layers: int,
+    decoder_layers: int,
+    attention: str,
+    dropout: float,
+    ffn: str,
+    encoder_moe_after: list[int],
+    decoder_moe_after: list[int],
+    num_experts: int,
+    k: int,
+    d_hidden: int,
+) -> None:
+    """Reject bad configurations before building anything, naming the argument at fault."""
+    for name, value in [("vocab_size", vocab_size), ("embed_dim", embed_dim), ("hidden_size", hidden_size),
+                        ("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)]:  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if hidden_size % 2:
+        raise ValueError(
+            f"hidden_size must be even (the bidirectional encoder layer halves it), got {hidden_size}"
+        )
+    if attention not in ATTENTION_TYPES:
+        raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {attention!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if ffn not in FFN_TYPES:
+        raise ValueError(f"ffn must be one of {FFN_TYPES}, got {ffn!r}")
+    if ffn == "none":
+        return
+    for name, positions, layers in [("encoder_moe_after", encoder_moe_after, encoder_layers),
+                                    ("decoder_moe_after", decoder_moe_after, decoder_layers)]:  # fmt: skip
+        for position in positions:
+            if not 1 <= position < layers:
+                raise ValueError(
+                    f"{name} position {position} is outside the LSTM stack: with {layers} layers an MoE layer "
+                    f"can follow layers 1..{layers - 1}"
+                )
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"{name} lists a position twice: {positions}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must be in 1..num_experts ({num_experts}), got {k}")
+    if d_hidden < 1:
+        raise ValueError(f"d_hidden must be >= 1, got {d_hidden}")
