@@ -1,0 +1,177 @@
+"""Expert FFNs with stacked weights, and the dense FFN they are compared against.
+
+`Experts` keeps all experts' weights in single tensors ([E, d_model, d_hidden], ...) and runs each expert on
+its contiguous slice of the expert-sorted tokens. Forward and backward are one autograd node
+(`_SortedExpertFFN`) that loops over experts with plain GEMMs writing straight into preallocated outputs and
+gradient buffers. Doing the same with autograd ops would index the stacked weights per expert inside the
+graph (backward cost O(E²)), or unbind them and pay a stack of E gradient copies plus cat/split copies of
+the activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("relu", "swiglu")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _activate(pre: Tensor, activation: str) -> Tensor:
+    """relu(pre), or for swiglu silu(gate) · up with pre = [gate | up]."""
+    if activation == "relu":
+        return F.relu(pre)
+    gate, up = pre.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
+    """d loss / d pre, given d loss / d activation."""
+    if activation == "relu":
+        return grad * (pre > 0)
+    gate, up = pre.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([grad_gate, grad * silu], dim=-1)
+
+
+def _slices(counts: list[int]) -> list[tuple[int, slice]]:
+    """(expert, rows) for each expert with at least one assignment."""
+    out, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            out.append((expert, slice(start, start + count)))
+        start += count
+    return out
+
+
+class _SortedExpertFFN(torch.autograd.Function):
+    """y[rows_e] = act(x[rows_e] W_in[e] + b_in[e]) W_out[e] + b_out[e] for each expert e."""
+
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, counts, activation, dropout_mask):  # type: ignore[override]
+        parts = _slices(counts)
+        pre = x.new_empty(x.shape[0], w_in.shape[-1])  # [A, h_in]
+        for e, rows in parts:
+            torch.addmm(b_in[e], x[rows], w_in[e], out=pre[rows])
+        hidden = _activate(pre, activation)  # [A, h]
+        if dropout_mask is not None:
+            hidden = hidden * dropout_mask
+        out = x.new_empty(x.shape[0], w_out.shape[-1])  # [A, d]
+        for e, rows in parts:
+            torch.addmm(b_out[e], hidden[rows], w_out[e], out=out[rows])
+        ctx.save_for_backward(x, pre, w_in, w_out, dropout_mask)
+        ctx.parts, ctx.activation = parts, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, pre, w_in, w_out, dropout_mask = ctx.saved_tensors
+        parts, activation = ctx.parts, ctx.activation
+        grad_out = grad_out.contiguous()
+        hidden = _activate(pre, activation)  # recomputed: cheaper than keeping it
+        if dropout_mask is not None:
+            hidden = hidden * dropout_mask
+        grad_w_in, grad_b_in = _zero_unused(w_in, parts), _zero_unused_bias(w_in, parts)
+        grad_w_out, grad_b_out = _zero_unused(w_out, parts), _zero_unused_bias(w_out, parts)
+        grad_hidden = hidden.new_empty(hidden.shape)  # [A, h]
+        for e, rows in parts:
+            g = grad_out[rows]
+            torch.mm(hidden[rows].t(), g, out=grad_w_out[e])
+            torch.sum(g, 0, out=grad_b_out[e])
+            torch.mm(g, w_out[e].t(), out=grad_hidden[rows])
+        if dropout_mask is not None:
+            grad_hidden = grad_hidden * dropout_mask
+        grad_pre = _activation_backward(grad_hidden, pre, activation)  # [A, h_in]
+        grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
+        for e, rows in parts:
+            g = grad_pre[rows]
+            torch.mm(x[rows].t(), g, out=grad_w_in[e])
+            torch.sum(g, 0, out=grad_b_in[e])
+            if grad_x is not None:
+                torch.mm(g, w_in[e].t(), out=grad_x[rows])
+        return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+
+
+def _zero_unused(weight: Tensor, parts: list[tuple[int, slice]]) -> Tensor:
+    """Gradient buffer like `weight` [E, ...]: experts without tokens get zeros, the rest is overwritten."""
+    grad = torch.empty_like(weight)
+    used = torch.zeros(weight.shape[0], dtype=torch.bool)
+    used[[e for e, _ in parts]] = True
+    if not bool(used.all()):
+        grad[~used.to(weight.device)] = 0
+    return grad
+
+
+def _zero_unused_bias(weight: Tensor, parts: list[tuple[int, slice]]) -> Tensor:
+    """Bias gradient buffer [E, weight.shape[-1]]."""
+    return _zero_unused(weight.new_empty(weight.shape[0], weight.shape[-1]), parts)
+
+
+class Experts(nn.Module):
+    """E expert FFNs (ReLU or SwiGLU) with stacked weights; runs expert-sorted tokens slice by slice."""
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_hidden: int, activation: str = "relu", dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        _check_activation(activation)
+        self.num_experts, self.activation, self.dropout = num_experts, activation, dropout
+        d_in = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_in))  # [E, d, h_in]
+        self.b_in = nn.Parameter(torch.empty(num_experts, d_in))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # [E, h, d]
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default initialisation, per expert."""
+        for weight, bias in ((self.w_in, self.b_in), (self.w_out, self.b_out)):
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
+        """x_sorted [A, d] sorted by expert, counts [E] slice lengths -> [A, d]."""
+        if len(counts) != self.num_experts or sum(counts) != x_sorted.shape[0]:
+            raise ValueError(f"counts must have {self.num_experts} entries summing to {x_sorted.shape[0]}")
+        dtype = x_sorted.dtype
+        params = [
+            p if p.dtype == dtype else p.to(dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out)
+        ]
+        mask = None
+        if self.training and self.dropout > 0:
+            hidden = params[2].shape[1]
+            keep = 1.0 - self.dropout
+            mask = torch.empty(x_sorted.shape[0], hidden, dtype=dtype, device=x_sorted.device)
+            mask = mask.bernoulli_(keep).div_(keep)
+        return _SortedExpertFFN.apply(x_sorted.contiguous(), *params, counts, self.activation, mask)
+
+    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
+        """One expert on x [..., d] with plain autograd ops (no dropout): the slow reference for tests."""
+        pre = x @ self.w_in[expert] + self.b_in[expert]
+        return _activate(pre, self.activation) @ self.w_out[expert] + self.b_out[expert]
+
+
+class FeedForward(nn.Module):
+    """Dense FFN, d_model -> d_hidden -> d_model: the dense baseline and the shared experts."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "relu", dropout: float = 0.0) -> None:
+        super().__init__()
+        _check_activation(activation)
+        self.activation = activation
+        self.w_in = nn.Linear(d_model, 2 * d_hidden if activation == "swiglu" else d_hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.w_out = nn.Linear(d_hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., d_model] -> [..., d_model]."""
+        return self.w_out(self.dropout(_activate(self.w_in(x), self.activation)))

@@ -1,0 +1,259 @@
+"""Routers: each gate maps tokens [N, d_model] (fp32) to the experts they visit and the gate weights.
+
+A gate returns a `Routing` with unweighted losses; the layer weights and sums them. `bias` is the
+loss-free balancing bias (DeepSeek-V3): it is added to the scores used to *select* experts only, never to the
+gate weights. Every gate runs in fp32; the layer disables autocast around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from nmt_moe.moe.losses import (
+    batchwise_threshold_loss,
+    cv_squared,
+    prob_in_top_k,
+    router_z_loss,
+    softplus_noise_std,
+    switch_balance_loss,
+)
+
+GATES = ("noisy_topk", "batchwise", "softmax_topk", "switch", "sigmoid", "hierarchical")
+
+
+@dataclass
+class Routing:
+    """What a gate decided for N tokens."""
+
+    expert_index: Tensor  # [N, k] long; -1 = no expert (only the batchwise gate pads rows)
+    gate_weight: Tensor  # [N, k] fp32; 0 where expert_index is -1
+    importance: Tensor  # [E] fp32: summed gate weights per expert
+    losses: dict[str, Tensor]  # unweighted balancing losses
+    load_estimate: Tensor | None = None  # [E] the differentiable load the "load" loss used (noisy gates)
+
+
+def expert_counts(expert_index: Tensor, num_experts: int) -> Tensor:
+    """[E] long: assignments per expert, ignoring -1 padding."""
+    flat = expert_index.reshape(-1)
+    return torch.bincount(flat[flat >= 0], minlength=num_experts)
+
+
+def importance_of(expert_index: Tensor, gate_weight: Tensor, num_experts: int) -> Tensor:
+    """[E] fp32: Σ over tokens of each expert's gate weight (differentiable)."""
+    index = expert_index.reshape(-1).clamp(min=0)  # padded slots carry weight 0
+    return gate_weight.new_zeros(num_experts).index_add(0, index, gate_weight.reshape(-1))
+
+
+def _with_bias(scores: Tensor, bias: Tensor | None) -> Tensor:
+    return scores if bias is None else scores + bias
+
+
+def _router_weight(d_model: int, num_experts: int, zero: bool) -> nn.Parameter:
+    weight = torch.zeros(d_model, num_experts)
+    if not zero:
+        nn.init.normal_(weight, std=d_model**-0.5)
+    return nn.Parameter(weight)
+
+
+class NoisyTopKGate(nn.Module):
+    """Shazeer et al. (2017): H = xW_g + N(0,1)·(softplus(xW_noise) + ε), keep the top k, softmax over them.
+
+    Losses: "importance" = CV²(Σ gates per expert), "load" = CV²(smooth load estimate). With `noise=False`
+    the smooth estimate is undefined and "load" is the CV² of the hard counts (no gradient).
+    W_g and W_noise start at zero as in the paper, so training noise breaks the initial ties.
+    """
+
+    def __init__(
+        self, d_model: int, num_experts: int, k: int, noise: bool = True, noise_epsilon: float = 1e-2
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.k, self.noise, self.noise_epsilon = num_experts, k, noise, noise_epsilon
+        self.w_gate = _router_weight(d_model, num_experts, zero=True)
+        self.w_noise = _router_weight(d_model, num_experts, zero=True) if noise else None
+
+    def scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """clean logits, (noisy) logits H and the noise std, each [N, E]."""
+        clean = x @ self.w_gate.float()
+        if self.w_noise is None:
+            return clean, clean, None
+        noise_std = softplus_noise_std(x @ self.w_noise.float(), self.noise_epsilon)
+        noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
+        return clean, noisy, noise_std
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+        clean, noisy, noise_std = self.scores(x)
+        selection = _with_bias(noisy, bias)  # [N, E]
+        expert_index = selection.topk(self.k, dim=-1).indices  # [N, k]
+        gate_weight = noisy.gather(1, expert_index).softmax(dim=-1)  # softmax over the kept logits
+        importance = importance_of(expert_index, gate_weight, self.num_experts)
+        if noise_std is None:
+            load = expert_counts(expert_index, self.num_experts).float()
+        else:
+            selected = torch.zeros_like(selection, dtype=torch.bool).scatter_(1, expert_index, True)
+            load = prob_in_top_k(_with_bias(clean, bias), selection, noise_std, selected, self.k).sum(0)
+        losses = {"importance": cv_squared(importance), "load": cv_squared(load)}
+        return Routing(expert_index, gate_weight, importance, losses, load_estimate=load)
+
+
+class SoftmaxTopKGate(nn.Module):
+    """Softmax over all experts, then top k (GShard / Mixtral); `renormalize=False` with k=1 is Switch.
+
+    Renormalising a single kept probability would make it 1 and cut the router's gradient, which is why the
+    Switch gate keeps the raw probability. Losses: "balance" (Switch) and "z" (router z-loss).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int, renormalize: bool = True) -> None:
+        super().__init__()
+        self.num_experts, self.k, self.renormalize = num_experts, k, renormalize
+        self.w_gate = _router_weight(d_model, num_experts, zero=False)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+        logits = x @ self.w_gate.float()  # [N, E]
+        probs = logits.softmax(dim=-1)
+        expert_index = _with_bias(probs, bias).topk(self.k, dim=-1).indices  # [N, k]
+        gate_weight = probs.gather(1, expert_index)
+        if self.renormalize:
+            gate_weight = gate_weight / gate_weight.sum(dim=-1, keepdim=True)
+        load = expert_counts(expert_index, self.num_experts)
+        losses = {"balance": switch_balance_loss(probs, load, self.k), "z": router_z_loss(logits)}
+        return Routing(
+            expert_index, gate_weight, importance_of(expert_index, gate_weight, self.num_experts), losses
+        )
+
+
+class SigmoidGate(nn.Module):
+    """Sigmoid router over RMS-normalised experts: the gate predicts each expert's output magnitude.
+
+    The layer normalises every expert's output to unit RMS (no gain), so y = Σ_selected σ(xW)_i · ê_i(x)
+    and top-k by σ picks the experts with the largest predicted norm: the sparse approximation of the dense
+    sum Σ_i σ(xW)_i ê_i(x). Loss "balance": the Switch loss on the per-token normalised scores.
+    """
+
+    normalize_expert_output = True
+
+    def __init__(self, d_model: int, num_experts: int, k: int) -> None:
+        super().__init__()
+        self.num_experts, self.k = num_experts, k
+        self.w_gate = _router_weight(d_model, num_experts, zero=False)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+        scores = torch.sigmoid(x @ self.w_gate.float())  # [N, E]
+        expert_index = _with_bias(scores, bias).topk(self.k, dim=-1).indices  # [N, k]
+        gate_weight = scores.gather(1, expert_index)  # magnitudes, not renormalised
+        load = expert_counts(expert_index, self.num_experts)
+        affinity = scores / scores.sum(dim=-1, keepdim=True)  # [N, E], rows sum to one
+        losses = {"balance": switch_balance_loss(affinity, load, self.k)}
+        return Routing(
+            expert_index, gate_weight, importance_of(expert_index, gate_weight, self.num_experts), losses
+        )
+
+
+class BatchwiseGate(nn.Module):
+    """Shazeer et al. (2017) appendix F, strictly balanced gating.
+
+    Training: each expert takes the top m = k·N/E tokens of the batch by softmax gate score, so every expert
+    gets exactly m tokens and a token gets k experts on average (any number from 0 to E). Inference: a
+    learned per-expert threshold T replaces the batch top-m (token x goes to expert i iff G_σ(x)_i > T_i).
+    Gate weights are the softmax scores renormalised over each token's experts. Losses: "importance" and
+    "threshold" (the paper's batchwise loss that trains T). Rows of `expert_index` are padded with -1 to
+    the largest count.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int) -> None:
+        super().__init__()
+        self.num_experts, self.k = num_experts, k
+        self.w_gate = _router_weight(d_model, num_experts, zero=False)
+        self.threshold = nn.Parameter(torch.full((num_experts,), 1.0 / num_experts))
+
+    def batch_mask(self, probs: Tensor) -> Tensor:
+        """[N, E] bool: each expert's top m = k·N/E tokens in the batch."""
+        num_tokens = probs.shape[0]
+        m = max(1, self.k * num_tokens // self.num_experts)
+        top_tokens = probs.topk(m, dim=0).indices  # [m, E]
+        return torch.zeros_like(probs, dtype=torch.bool).scatter_(0, top_tokens, True)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+        probs = (x @ self.w_gate.float()).softmax(dim=-1)  # [N, E]
+        threshold = self.threshold.float()
+        batch_mask = self.batch_mask(probs)
+        mask = batch_mask if self.training else probs > threshold
+        kept = probs * mask
+        weights = kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-9)  # [N, E]; rows with no expert stay 0
+        width = max(int(mask.sum(dim=1).max()), 1)
+        order = mask.float().argsort(dim=1, descending=True, stable=True)[:, :width]  # selected experts first
+        expert_index = torch.where(mask.gather(1, order), order, -1)  # [N, width]
+        gate_weight = weights.gather(1, order)  # 0 in padded slots
+        importance = importance_of(expert_index, gate_weight, self.num_experts)
+        losses = {
+            "importance": cv_squared(importance),
+            "threshold": batchwise_threshold_loss(probs, threshold, batch_mask),
+        }
+        return Routing(expert_index, gate_weight, importance, losses)
+
+
+class HierarchicalGate(nn.Module):
+    """Shazeer et al. (2017) appendix B, the two-level MoE.
+
+    A primary noisy top-k gate picks `k_group` of `num_groups` groups, and each group's own noisy top-k gate
+    picks `k` of its E/num_groups experts; a token visits k_group·k experts with weight
+    G_primary(x)_g · G_g(x)_j.
+
+    Losses at both levels: "importance"/"load" on the hierarchical Importance_H and Load_H, where
+    Load_H[g, j] = Load_primary[g] · Load_g(X^(g))_j / |X^(g)|, and "importance_primary"/"load_primary".
+    All secondary gates are computed as one [d_model, E] matmul, the cost of a flat router.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int,
+        num_groups: int,
+        k_group: int,
+        noise: bool = True,
+        noise_epsilon: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.k, self.num_groups, self.k_group = num_experts, k, num_groups, k_group
+        self.group_size = num_experts // num_groups
+        self.primary = NoisyTopKGate(d_model, num_groups, k_group, noise=noise, noise_epsilon=noise_epsilon)
+        self.secondary = NoisyTopKGate(d_model, num_experts, k, noise=noise, noise_epsilon=noise_epsilon)
+
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+        n, groups, size = x.shape[0], self.num_groups, self.group_size
+        primary = self.primary(x)
+        group_index, group_weight = primary.expert_index, primary.gate_weight  # [N, kg]
+        in_group = torch.zeros(n, groups, dtype=torch.bool, device=x.device).scatter_(1, group_index, True)
+
+        clean, noisy, noise_std = (
+            t if t is None else t.view(n, groups, size) for t in self.secondary.scores(x)
+        )
+        selection = _with_bias(noisy, None if bias is None else bias.view(groups, size))  # [N, G, P]
+        local_index = selection.topk(self.k, dim=-1).indices  # [N, G, k], for every group
+        local_weight = noisy.gather(2, local_index).softmax(dim=-1)  # [N, G, k]
+
+        chosen = group_index.unsqueeze(-1).expand(n, self.k_group, self.k)  # [N, kg, k]
+        expert_index = (chosen * size + local_index.gather(1, chosen)).reshape(n, -1)  # [N, kg·k]
+        gate_weight = (group_weight.unsqueeze(-1) * local_weight.gather(1, chosen)).reshape(n, -1)
+        importance = importance_of(expert_index, gate_weight, self.num_experts)
+
+        if noise_std is None:
+            load = expert_counts(expert_index, self.num_experts).float()
+        else:
+            selected = torch.zeros_like(selection, dtype=torch.bool).scatter_(2, local_index, True)
+            biased_clean = _with_bias(clean, None if bias is None else bias.view(groups, size))
+            secondary_prob = prob_in_top_k(biased_clean, selection, noise_std, selected, self.k)  # [N, G, P]
+            secondary_load = (secondary_prob * in_group.unsqueeze(-1)).sum(0)  # [G, P], over X^(g) only
+            group_tokens = in_group.sum(0).clamp(min=1).unsqueeze(-1)  # [G, 1] = |X^(g)|
+            primary_load = primary.load_estimate  # [G]
+            load = (primary_load.unsqueeze(-1) * secondary_load / group_tokens).reshape(-1)
+        losses = {
+            "importance": cv_squared(importance),
+            "load": cv_squared(load),
+            "importance_primary": primary.losses["importance"],
+            "load_primary": primary.losses["load"],
+        }
+        return Routing(expert_index, gate_weight, importance, losses)

@@ -1,0 +1,256 @@
+"""MoELayer: route tokens with a gate, run the chosen experts through the sorted dispatch, combine.
+
+The layer has no residual connection of its own: the model adds one around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from nmt_moe.moe.dispatch import apply_capacity, combine, expert_capacity, sort_assignments
+from nmt_moe.moe.experts import ACTIVATIONS, Experts, FeedForward
+from nmt_moe.moe.gates import (
+    GATES,
+    BatchwiseGate,
+    HierarchicalGate,
+    NoisyTopKGate,
+    Routing,
+    SigmoidGate,
+    SoftmaxTopKGate,
+    expert_counts,
+)
+
+GateName = Literal["noisy_topk", "batchwise", "softmax_topk", "switch", "sigmoid", "hierarchical"]
+
+
+@dataclass
+class MoEOutput:
+    """Everything one MoE call produced. Routing fields cover the unmasked tokens only, in order."""
+
+    y: Tensor  # same shape as x; zeros at masked positions
+    aux_loss: Tensor  # scalar, already weighted; 0 in eval mode
+    expert_index: Tensor  # [routed_tokens, k] long (batchwise: variable count, padded with -1)
+    gate_weight: Tensor  # [routed_tokens, k] fp32 (0 in padded slots)
+    load: Tensor  # [E] long: assignments routed to each expert (before capacity)
+    importance: Tensor  # [E] fp32: summed gate weights per expert
+    losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted components, for logging
+    dropped: Tensor = field(
+        default_factory=lambda: torch.zeros((), dtype=torch.long)
+    )  # assignments over capacity
+
+
+class MoELayer(nn.Module):
+    """Sparsely-gated Mixture-of-Experts FFN layer (Shazeer et al., 2017) with a choice of gates.
+
+    Args:
+        d_model: token width. d_hidden: each expert's hidden width. num_experts: routed experts E.
+        k: experts per token (hierarchical: per chosen group, so a token visits k_group·k experts).
+        gate: "noisy_topk" | "batchwise" | "softmax_topk" | "switch" (k must be 1) | "sigmoid" |
+            "hierarchical".
+        activation: expert FFN activation, "relu" or "swiglu". dropout: on the experts' hidden activations.
+        w_importance, w_load: weights of the importance / load CV² losses (noisy_topk, batchwise,
+            hierarchical).
+        w_balance, w_z: weights of the Switch balance loss and router z-loss (softmax_topk, switch, sigmoid).
+        w_threshold: weight of the batchwise gate's threshold loss.
+        noise, noise_epsilon: tunable gating noise of noisy_topk / hierarchical
+            (std = softplus(xW_noise) + ε).
+        capacity_factor: None = dropless; else each expert takes at most ceil(cf·N·k/E) assignments.
+        loss_free_bias, bias_update_rate: DeepSeek-V3 balancing; call `update_bias()` after each
+            optimizer step.
+        num_shared_experts: always-on experts of width d_hidden added to every token's output.
+        num_groups, k_group: hierarchical gate only: E experts in num_groups groups, k_group groups per token.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        k: int = 2,
+        gate: GateName = "noisy_topk",
+        activation: Literal["relu", "swiglu"] = "relu",
+        dropout: float = 0.0,
+        w_importance: float = 0.01,
+        w_load: float = 0.01,
+        w_balance: float = 0.01,
+        w_z: float = 0.0,
+        w_threshold: float = 0.01,
+        noise: bool = True,
+        noise_epsilon: float = 1e-2,
+        capacity_factor: float | None = None,
+        loss_free_bias: bool = False,
+        bias_update_rate: float = 1e-3,
+        num_shared_experts: int = 0,
+        num_groups: int = 1,
+        k_group: int = 1,
+    ) -> None:
+        super().__init__()
+        _validate(locals())
+        self.d_model, self.num_experts, self.k, self.gate_name = d_model, num_experts, k, gate
+        self.capacity_factor, self.bias_update_rate = capacity_factor, bias_update_rate
+        self.experts_per_token = k * k_group if gate == "hierarchical" else k
+        self.loss_weights = {
+            "importance": w_importance,
+            "load": w_load,
+            "importance_primary": w_importance,
+            "load_primary": w_load,
+            "balance": w_balance,
+            "z": w_z,
+            "threshold": w_threshold,
+        }
+        self.gate = _build_gate(gate, d_model, num_experts, k, noise, noise_epsilon, num_groups, k_group)
+        self.normalize_expert_output = getattr(self.gate, "normalize_expert_output", False)
+        self.experts = Experts(num_experts, d_model, d_hidden, activation, dropout)
+        self.shared = (
+            FeedForward(d_model, num_shared_experts * d_hidden, activation, dropout)
+            if num_shared_experts
+            else None
+        )
+        self.loss_free_bias = loss_free_bias
+        if loss_free_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))  # saved: inference routes with it
+            self.register_buffer("load_since_update", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+        """x [..., d_model]; mask [...] bool, True = real token (padding is neither routed nor counted)."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x: last dimension is {x.shape[-1]}, expected d_model={self.d_model}")
+        if mask is not None and (mask.shape != x.shape[:-1] or mask.dtype != torch.bool):
+            raise ValueError(
+                f"mask: expected bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} {tuple(mask.shape)}"
+            )
+        flat = x.reshape(-1, self.d_model)  # [M, d]
+        rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)  # [N]
+        tokens = flat if rows is None else flat.index_select(0, rows)  # [N, d]
+        if tokens.shape[0] == 0:
+            return self._empty_output(x)
+
+        with torch.autocast(device_type=x.device.type, enabled=False):  # gating math in fp32
+            routing = self.gate(tokens.float(), self.expert_bias if self.loss_free_bias else None)
+        load = expert_counts(routing.expert_index, self.num_experts)  # [E]
+        if self.loss_free_bias and self.training:
+            self.load_since_update += load
+        routed, dropped = self._run_experts(tokens, routing)  # [N, d]
+        if self.shared is not None:
+            routed = routed + self.shared(tokens)
+        y = routed if rows is None else flat.new_zeros(flat.shape).index_copy(0, rows, routed)
+
+        if self.training:
+            aux_loss = torch.stack(
+                [self.loss_weights[name] * value for name, value in routing.losses.items()]
+            ).sum()
+        else:
+            aux_loss = torch.zeros((), device=x.device)
+        losses = {name: value.detach() for name, value in routing.losses.items()}
+        return MoEOutput(
+            y=y.reshape(x.shape),
+            aux_loss=aux_loss,
+            expert_index=routing.expert_index,
+            gate_weight=routing.gate_weight,
+            load=load,
+            importance=routing.importance.detach(),
+            losses=losses,
+            dropped=dropped,
+        )
+
+    def _empty_output(self, x: Tensor) -> MoEOutput:
+        """Every token masked: nothing is routed (keeps the output connected to the graph for DDP)."""
+        zero = torch.zeros((), device=x.device)
+        return MoEOutput(
+            y=x * 0,
+            aux_loss=zero,
+            expert_index=torch.zeros(0, self.experts_per_token, dtype=torch.long, device=x.device),
+            gate_weight=torch.zeros(0, self.experts_per_token, device=x.device),
+            load=torch.zeros(self.num_experts, dtype=torch.long, device=x.device),
+            importance=torch.zeros(self.num_experts, device=x.device),
+            dropped=torch.zeros((), dtype=torch.long, device=x.device),
+        )
+
+    def _run_experts(self, tokens: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+        """Sorted dispatch: sort, (capacity), gather, experts, scatter-add. Returns [N, d] and dropped."""
+        num_tokens = tokens.shape[0]
+        plan = sort_assignments(routing.expert_index, routing.gate_weight, self.num_experts)
+        dropped = torch.zeros((), dtype=torch.long, device=tokens.device)
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(
+                self.capacity_factor, num_tokens, self.experts_per_token, self.num_experts
+            )
+            plan, dropped = apply_capacity(plan, capacity)
+        x_sorted = tokens.index_select(0, plan.token)  # [A, d]
+        out_sorted = self.experts(x_sorted, plan.counts)  # [A, d]
+        if self.normalize_expert_output:  # sigmoid gate: unit-RMS expert outputs, the gate sets the magnitude
+            out_sorted = out_sorted * torch.rsqrt(out_sorted.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return combine(out_sorted, plan, num_tokens), dropped
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Loss-free balancing: raise the bias of underloaded experts and lower it for overloaded ones by
+        `bias_update_rate`, from the load seen since the last call (no-op when loss_free_bias is off)."""
+        if not self.loss_free_bias or float(self.load_since_update.sum()) == 0:
+            return
+        load = self.load_since_update
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+def _build_gate(
+    gate: str, d_model: int, num_experts: int, k: int, noise: bool, eps: float, num_groups: int, k_group: int
+) -> nn.Module:
+    if gate == "noisy_topk":
+        return NoisyTopKGate(d_model, num_experts, k, noise=noise, noise_epsilon=eps)
+    if gate == "batchwise":
+        return BatchwiseGate(d_model, num_experts, k)
+    if gate in ("softmax_topk", "switch"):
+        return SoftmaxTopKGate(d_model, num_experts, k, renormalize=gate == "softmax_topk")
+    if gate == "sigmoid":
+        return SigmoidGate(d_model, num_experts, k)
+    return HierarchicalGate(d_model, num_experts, k, num_groups, k_group, noise=noise, noise_epsilon=eps)
+
+
+def _validate(args: dict) -> None:
+    """Raise ValueError naming the first bad argument of MoELayer."""
+
+    def bad(name: str, why: str) -> None:
+        raise ValueError(f"{name}: {why}, got {args[name]!r}")
+
+    for name in ("d_model", "d_hidden", "num_experts", "k", "num_groups", "k_group"):
+        if not isinstance(args[name], int) or args[name] < 1:
+            bad(name, "must be a positive integer")
+    gate, k, num_experts = args["gate"], args["k"], args["num_experts"]
+    if gate not in GATES:
+        bad("gate", f"must be one of {GATES}")
+    if args["activation"] not in ACTIVATIONS:
+        bad("activation", f"must be one of {ACTIVATIONS}")
+    if gate == "hierarchical":
+        if num_experts % args["num_groups"]:
+            bad("num_groups", f"must divide num_experts={num_experts}")
+        if args["k_group"] > args["num_groups"]:
+            bad("k_group", f"must be <= num_groups={args['num_groups']}")
+        if k > num_experts // args["num_groups"]:
+            bad("k", f"must be <= experts per group ({num_experts // args['num_groups']})")
+    else:
+        if k > num_experts:
+            bad("k", f"must be <= num_experts={num_experts}")
+        if args["num_groups"] != 1 or args["k_group"] != 1:
+            bad("num_groups" if args["num_groups"] != 1 else "k_group", "only applies to gate='hierarchical'")
+    if gate == "switch" and k != 1:
+        bad("k", "must be 1 for gate='switch' (use softmax_topk for k > 1)")
+    if gate == "batchwise" and args["loss_free_bias"]:
+        bad("loss_free_bias", "has no effect with gate='batchwise' (each expert already takes its top m)")
+    if not 0.0 <= args["dropout"] < 1.0:
+        bad("dropout", "must be in [0, 1)")
+    for name in ("w_importance", "w_load", "w_balance", "w_z", "w_threshold"):
+        if args[name] < 0:
+            bad(name, "must be >= 0")
+    if args["noise_epsilon"] <= 0:
+        bad("noise_epsilon", "must be > 0")
+    if args["capacity_factor"] is not None and args["capacity_factor"] <= 0:
+        bad("capacity_factor", "must be > 0 or None (dropless)")
+    if args["bias_update_rate"] <= 0:
+        bad("bias_update_rate", "must be > 0")
+    if args["num_shared_experts"] < 0:
+        bad("num_shared_experts", "must be >= 0")

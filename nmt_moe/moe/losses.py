@@ -1,0 +1,77 @@
+"""Balancing losses for MoE routers, unweighted: the layer multiplies each by its configured weight.
+
+All functions take fp32 tensors and return fp32 scalars (or per-expert vectors for the load estimates).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_NORMAL = torch.distributions.Normal(0.0, 1.0)
+
+
+def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation, population variance / mean².
+
+    The variance is computed directly rather than through `std`, whose gradient is NaN at perfect balance.
+    """
+    values = values.float().reshape(-1)
+    if values.numel() <= 1:
+        return values.new_zeros(())
+    mean = values.mean()
+    variance = (values - mean).pow(2).mean()
+    return variance / (mean.pow(2) + eps)
+
+
+def prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, selected: Tensor, k: int) -> Tensor:
+    """Shazeer et al. (2017) eq. 8-9: probability that each expert is in the top k under fresh noise.
+
+    P(x, i) = Φ((clean_i − kth_excluding(noisy, k, i)) / σ_i). The k-th largest noisy score *excluding i* is
+    the (k+1)-th largest overall for an expert inside the top k, and the k-th largest for one outside.
+    All inputs are [..., E] over the last dimension (the experts competing with each other); `selected` is the
+    bool top-k mask. Returns [..., E] probabilities, differentiable w.r.t. `clean` and `noise_std`.
+    """
+    num_experts = noisy.shape[-1]
+    if k >= num_experts:  # every expert is always selected: the estimate is exactly one
+        return torch.ones_like(clean)
+    top = noisy.topk(k + 1, dim=-1).values  # [..., k+1]
+    threshold_if_in = top[..., k : k + 1]  # (k+1)-th largest
+    threshold_if_out = top[..., k - 1 : k]  # k-th largest
+    threshold = torch.where(selected, threshold_if_in, threshold_if_out)  # [..., E]
+    return _NORMAL.cdf((clean - threshold) / noise_std)
+
+
+def switch_balance_loss(probs: Tensor, load: Tensor, k: int) -> Tensor:
+    """Switch Transformer balance loss: num_experts · Σ_i fraction_routed_i · mean_prob_i.
+
+    `probs` [N, E] router probabilities (rows sum to one), `load` [E] assignments per expert in the batch.
+    The fraction is over the N·k assignments, so perfect balance gives exactly 1 for any k.
+    """
+    num_tokens, num_experts = probs.shape
+    fraction = load.float() / max(num_tokens * k, 1)  # [E], no gradient (hard counts)
+    mean_prob = probs.mean(dim=0)  # [E]
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)², keeps router logits small."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def batchwise_threshold_loss(scores: Tensor, threshold: Tensor, batch_mask: Tensor) -> Tensor:
+    """Shazeer et al. (2017) appendix F: trains per-expert thresholds to mimic the batchwise mask.
+
+    Σ_i (M_threshold(x)_i − M_batchwise(X)_{x,i}) · (x_i − T_i), summed over experts and averaged over tokens
+    (the paper sums over tokens too; averaging keeps the weight independent of the batch size).
+    `scores` [N, E], `threshold` [E], `batch_mask` [N, E] bool.
+    """
+    threshold_mask = (scores > threshold).float()
+    disagreement = threshold_mask - batch_mask.float()  # [N, E] in {-1, 0, 1}
+    return (disagreement * (scores - threshold)).sum(dim=-1).mean()
+
+
+def softplus_noise_std(noise_logits: Tensor, epsilon: float) -> Tensor:
+    """The paper's noise scale, softplus(x W_noise) + ε (the load estimate divides by it)."""
+    return F.softplus(noise_logits) + epsilon
