@@ -30,7 +30,7 @@ def build_ffn(
 
 
 def apply_ffn(layer: nn.Module, x: Tensor, mask: Tensor, dropout: nn.Module) -> tuple[Tensor, Any]:
-    """x [B, T, D], mask [B, T] (True = real token) -> (x + dropout(layer(x)) [B, T, D], MoEOutput or None)."""
+    """x [B, T, D], mask [B, T] (True = real) -> (x + dropout(layer(x)) [B, T, D], MoEOutput or None)."""
     from nmt_moe.moe import MoELayer
 
     if isinstance(layer, MoELayer):

@@ -183,8 +183,8 @@ def _validate(
         for position in positions:
             if not 1 <= position < layers:
                 raise ValueError(
-                    f"{name} position {position} is outside the LSTM stack: with {layers} layers an MoE layer "
-                    f"can follow layers 1..{layers - 1}"
+                    f"{name} position {position} is outside the LSTM stack: with {layers} layers an MoE "
+                    f"layer can follow layers 1..{layers - 1}"
                 )
         if len(set(positions)) != len(positions):
             raise ValueError(f"{name} lists a position twice: {positions}")

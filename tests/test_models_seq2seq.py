@@ -1,0 +1,142 @@
+"""Seq2Seq: shapes, teacher forcing == step-by-step decoding, padding never routed, config round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nmt_moe.models import Seq2Seq
+
+V, PAD, BOS = 40, 0, 2
+
+
+def tiny(**overrides) -> Seq2Seq:
+    kwargs = dict(
+        vocab_size=V, embed_dim=16, hidden_size=24, encoder_layers=3, decoder_layers=3, dropout=0.1,
+        encoder_moe_after=[2], decoder_moe_after=[1], num_experts=4, k=2, d_hidden=8,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return Seq2Seq(**kwargs)
+
+
+def batch(lengths: list[int], tgt_lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    """Right-padded src [B, S] (EOS-free random ids are fine here), lengths [B], tgt_in [B, T] (BOS first)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S, T = len(lengths), max(lengths), max(tgt_lengths)
+    src = torch.randint(4, V, (B, S), generator=g)
+    tgt = torch.randint(4, V, (B, T), generator=g)
+    tgt[:, 0] = BOS
+    for i, (s, t) in enumerate(zip(lengths, tgt_lengths, strict=True)):
+        src[i, s:] = PAD
+        tgt[i, t:] = PAD
+    return src, torch.tensor(lengths), tgt
+
+
+@pytest.mark.parametrize("ffn", ["moe", "dense", "none"])
+def test_forward_shapes_and_named_moe_outputs(ffn: str) -> None:
+    model = tiny(ffn=ffn, encoder_moe_after=[1, 2])
+    src, lengths, tgt = batch([5, 3], [4, 6])
+    out = model(src, lengths, tgt)
+    assert out.logits.shape == (2, 6, V)
+    expected = ["encoder.moe0", "encoder.moe1", "decoder.moe0"] if ffn == "moe" else []
+    assert list(out.moe) == expected
+    assert out.aux_loss.shape == ()
+
+
+@pytest.mark.parametrize("input_feeding", [True, False])
+@pytest.mark.parametrize("attention", ["general", "dot", "additive"])
+def test_teacher_forcing_equals_stepping(input_feeding: bool, attention: str) -> None:
+    model = tiny(input_feeding=input_feeding, attention=attention).eval()
+    src, lengths, tgt = batch([6, 4, 2], [5, 3, 5])
+    with torch.no_grad():
+        forced = torch.log_softmax(model(src, lengths, tgt).logits, dim=-1)  # [B, T, V]
+        enc = model.encode(src, lengths)
+        state = model.init_state(enc)
+        for t in range(tgt.shape[1]):
+            step = model.decode_step(tgt[:, t], state, enc)
+            state = step.state
+            real = tgt[:, t] != PAD  # padded rows of the forced pass are not comparable targets
+            torch.testing.assert_close(step.log_probs[real], forced[real, t], atol=1e-5, rtol=1e-5)
+            assert step.attention.shape == (3, 6)
+            torch.testing.assert_close(step.attention.sum(-1), torch.ones(3))
+            assert (step.attention[~enc.mask] == 0).all()  # padding is never attended
+            assert [e.shape for e in step.expert_index] == [(3, 2)]
+            assert (step.expert_index[0][~real] == -1).all() and (step.expert_index[0][real] >= 0).all()
+
+
+def test_padding_is_never_routed_and_never_changes_real_positions() -> None:
+    model = tiny(encoder_moe_after=[1, 2], decoder_moe_after=[1, 2]).eval()
+    src, lengths, tgt = batch([7, 2, 4], [3, 6, 2])
+    out = model(src, lengths, tgt)
+    real_src, real_tgt = int((src != PAD).sum()), int((tgt != PAD).sum())
+    for name, moe in out.moe.items():
+        real = real_src if name.startswith("encoder") else real_tgt
+        assert moe.expert_index.shape == (real, 2), name
+        assert int(moe.load.sum()) == 2 * real, name
+    # Extra padding columns change nothing at real positions (so padding is neither routed nor attended).
+    padded = model(torch.nn.functional.pad(src, (0, 5)), lengths, torch.nn.functional.pad(tgt, (0, 4)))
+    torch.testing.assert_close(padded.logits[:, : tgt.shape[1]][tgt != PAD], out.logits[tgt != PAD])
+
+
+def test_aux_loss_trains_the_gates() -> None:
+    model = tiny().train()
+    src, lengths, tgt = batch([5, 3], [4, 6])
+    out = model(src, lengths, tgt)
+    assert out.aux_loss > 0
+    (out.logits.logsumexp(-1).mean() + out.aux_loss).backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".moe." in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_config_round_trip_rebuilds_the_same_model() -> None:
+    model = tiny(attention="additive", input_feeding=False, moe_options={}).eval()
+    config = json.loads(json.dumps(model.config))  # primitives only
+    rebuilt = Seq2Seq(**config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    src, lengths, tgt = batch([5, 3], [4, 6])
+    torch.testing.assert_close(rebuilt(src, lengths, tgt).logits, model(src, lengths, tgt).logits)
+    assert rebuilt.config == model.config
+
+
+def test_tied_embeddings_share_one_matrix_and_untied_do_not() -> None:
+    tied = tiny(tie_embeddings=True, share_embeddings=True)
+    assert tied.decoder.output.weight is tied.encoder.embedding.weight
+    untied = tiny(tie_embeddings=False, share_embeddings=False, embed_dim=10)
+    assert untied.decoder.output.weight is not untied.decoder.embedding.weight
+    assert untied.decoder.embedding is not untied.encoder.embedding
+
+
+def _ffn_params(model: Seq2Seq) -> int:
+    return sum(p.numel() for m in [*model.encoder.moe, *model.decoder.moe] for p in m.parameters())
+
+
+def test_dense_baseline_has_the_active_size_of_the_moe_model() -> None:
+    moe, dense, none = tiny(ffn="moe", num_experts=8, k=2), tiny(ffn="dense", k=2), tiny(ffn="none")
+    rest = sum(p.numel() for p in none.parameters())
+    assert sum(p.numel() for p in dense.parameters()) - _ffn_params(dense) == rest
+    assert sum(p.numel() for p in moe.parameters()) - _ffn_params(moe) == rest
+    # Dense FFN (d -> k*h -> d) holds the weights of k experts (d -> h -> d each), give or take biases.
+    d, h, k, layers = 24, 8, 2, 2
+    assert abs(_ffn_params(dense) - layers * k * 2 * d * h) <= layers * (k * h + d * k)
+    assert _ffn_params(moe) >= layers * 8 * 2 * d * h  # all 8 experts' weights are held
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (dict(encoder_moe_after=[3]), "encoder_moe_after"),
+        (dict(decoder_moe_after=[0]), "decoder_moe_after"),
+        (dict(k=5), "k"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(attention="bilinear"), "attention"),
+        (dict(ffn="sparse"), "ffn"),
+        (dict(hidden_size=25), "hidden_size"),
+        (dict(vocab_size=0), "vocab_size"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_argument(overrides: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        tiny(**overrides)
