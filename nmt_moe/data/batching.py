@@ -1,0 +1,178 @@
+"""Token-budget batches: length-bucketed, seeded, split across DDP ranks, resumable mid-epoch.
+
+Budget rule: a batch of B pairs costs B * max(longest source, longest target) tokens, lengths as in the
+batch tensors (source + EOS, BOS + target + EOS), i.e. the padded size of the larger of the two tensors.
+No batch exceeds `max_tokens`; a single pair longer than the budget is an error, never truncated.
+
+Every rank gets the same number of batches without dropping or repeating pairs: when the batch count does
+not divide by the world size, the largest batches are split in two until it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from nmt_moe.data.tokenizer import PAD_ID
+
+
+def bucket_batches(
+    src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """Pack pair indices into batches of similar length under the token budget.
+
+    Pairs are sorted by (source length, target length), ties broken at random when `rng` is given, so
+    both tensors of a batch need little padding and batch contents vary between epochs. Batch order is
+    shuffled with `rng` (kept in length order without it).
+    """
+    src_lengths = np.asarray(src_lengths, dtype=np.int64)
+    tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64)
+    if src_lengths.shape != tgt_lengths.shape:
+        raise ValueError(
+            f"src_lengths {src_lengths.shape} and tgt_lengths {tgt_lengths.shape} differ in shape"
+        )
+    longest = np.maximum(src_lengths, tgt_lengths)
+    if len(longest) and longest.max() > max_tokens:
+        bad = int(longest.argmax())
+        raise ValueError(
+            f"pair {bad} has {int(longest[bad])} tokens, more than max_tokens={max_tokens}; raise max_tokens "
+            "or lower max_tokens_per_sentence"
+        )
+    tiebreak = rng.permutation(len(longest)) if rng is not None else np.arange(len(longest))
+    order = np.lexsort((tiebreak, tgt_lengths, src_lengths))
+
+    batches: list[np.ndarray] = []
+    start, widest = 0, 0
+    for position, index in enumerate(order.tolist()):
+        wider = max(widest, int(longest[index]))
+        if (position - start + 1) * wider > max_tokens:
+            batches.append(order[start:position])
+            start, wider = position, int(longest[index])
+        widest = wider
+    if start < len(order):
+        batches.append(order[start:])
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def split_for_ranks(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """Split the largest batches in two until the count divides by `world_size` (order otherwise kept)."""
+    batches = list(batches)
+    while len(batches) % world_size:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i])) if batches else None
+        if largest is None or len(batches[largest]) < 2:
+            raise ValueError(
+                f"{sum(map(len, batches))} pairs cannot fill an equal number of batches on {world_size} ranks"
+            )
+        batch = batches[largest]
+        half = len(batch) // 2
+        batches[largest : largest + 1] = [batch[:half], batch[half:]]
+    return batches
+
+
+def padding_fraction(
+    batches: Sequence[np.ndarray], src_lengths: np.ndarray, tgt_lengths: np.ndarray
+) -> float:
+    """Share of PAD positions in the source and target tensors of these batches together."""
+    real = padded = 0
+    for batch in batches:
+        src, tgt = src_lengths[batch], tgt_lengths[batch]
+        real += int(src.sum() + tgt.sum())
+        padded += len(batch) * int(src.max() + tgt.max())
+    return 1.0 - real / padded if padded else 0.0
+
+
+class TokenBatchSampler(Sampler[list[int]]):
+    """Batch sampler over one split: this rank's share of the epoch's token-bucketed batches.
+
+    Every rank builds the same epoch plan from (seed, epoch) and takes batches rank, rank + W, ... .
+    `state_dict()` records the epoch and the batches already handed out, so a `StatefulDataLoader`
+    (which saves it with the loader's state) resumes mid-epoch without repeating or skipping a batch.
+    """
+
+    def __init__(
+        self,
+        src_lengths: Sequence[int] | np.ndarray,
+        tgt_lengths: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.src_lengths = np.asarray(src_lengths, dtype=np.int64)
+        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64)
+        self.max_tokens = max_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._resume_at = 0  # batches of this epoch already consumed before a restore
+        self._yielded = 0
+        self._plan: tuple[int, list[np.ndarray]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch start; a new epoch reshuffles and drops any resume point."""
+        if epoch != self.epoch:
+            self._resume_at = 0
+        self.epoch = epoch
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches for the current epoch, in order (computed once per epoch)."""
+        if self._plan is None or self._plan[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
+            everyone = bucket_batches(self.src_lengths, self.tgt_lengths, self.max_tokens, rng)
+            everyone = split_for_ranks(everyone, self.world_size)
+            self._plan = (self.epoch, everyone[self.rank :: self.world_size])
+        return self._plan[1]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches()
+        start, self._resume_at = self._resume_at, 0
+        self._yielded = start
+        for batch in batches[start:]:
+            self._yielded += 1
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "yielded": self._yielded,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed or state["world_size"] != self.world_size:
+            raise ValueError(
+                f"cannot resume mid-epoch: saved with seed={state['seed']} world_size={state['world_size']}, "
+                f"now seed={self.seed} world_size={self.world_size}"
+            )
+        self.epoch = state["epoch"]
+        self._resume_at = self._yielded = state["yielded"]
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Pad encoded pairs into the batch format: src [B, S], src_lengths [B], tgt [B, T], index [B]."""
+    src = [torch.as_tensor(item["src_ids"], dtype=torch.long) for item in items]
+    tgt = [torch.as_tensor(item["tgt_ids"], dtype=torch.long) for item in items]
+    return {
+        "src": torch.nn.utils.rnn.pad_sequence(src, batch_first=True, padding_value=PAD_ID),  # [B, S]
+        "src_lengths": torch.tensor([len(s) for s in src], dtype=torch.long),  # [B]
+        "tgt": torch.nn.utils.rnn.pad_sequence(tgt, batch_first=True, padding_value=PAD_ID),  # [B, T]
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),  # [B]
+    }
