@@ -175,6 +175,7 @@ def _train_tokenizers(config: PipelineConfig, train: datasets.Dataset) -> tuple[
 
 def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str, Any]:
     work = out / "work"
+    log.info("building %s", out)
     summary: dict[str, Any] = {"src_lang": config.src_lang, "tgt_lang": config.tgt_lang, "splits": {}}
     raw = {split: load_split(config, split, work, num_proc) for split in SPLITS if config.has_split(split)}
     if raw.get("train") is None or len(raw["train"]) == 0:
@@ -201,6 +202,7 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
         tgt_tok.save(out / "tokenizer.tgt.model")
     prefix = [src_tok.token_id(lang_token(config.tgt_lang))] if config.target_lang_token else []
 
+    log.info("vocab of %d pieces; encoding", src_tok.vocab_size)
     for split, ds in text.items():
         keep_text = split != "train"
         encoded = ds.map(
