@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 
 import pytest
 import torch
 
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
 
 V, PAD, BOS = 40, 0, 2
 
@@ -109,19 +111,41 @@ def test_tied_embeddings_share_one_matrix_and_untied_do_not() -> None:
     assert untied.decoder.embedding is not untied.encoder.embedding
 
 
-def _ffn_params(model: Seq2Seq) -> int:
-    return sum(p.numel() for m in [*model.encoder.moe, *model.decoder.moe] for p in m.parameters())
-
-
 def test_dense_baseline_has_the_active_size_of_the_moe_model() -> None:
-    moe, dense, none = tiny(ffn="moe", num_experts=8, k=2), tiny(ffn="dense", k=2), tiny(ffn="none")
-    rest = sum(p.numel() for p in none.parameters())
-    assert sum(p.numel() for p in dense.parameters()) - _ffn_params(dense) == rest
-    assert sum(p.numel() for p in moe.parameters()) - _ffn_params(moe) == rest
-    # Dense FFN (d -> k*h -> d) holds the weights of k experts (d -> h -> d each), give or take biases.
-    d, h, k, layers = 24, 8, 2, 2
-    assert abs(_ffn_params(dense) - layers * k * 2 * d * h) <= layers * (k * h + d * k)
-    assert _ffn_params(moe) >= layers * 8 * 2 * d * h  # all 8 experts' weights are held
+    """Active parameters differ only by the gates (and k - 1 extra output biases per layer); totals by the
+    experts a token does not visit."""
+    E, k, d, h = 8, 2, 24, 8
+    moe, dense = (
+        tiny(ffn="moe", num_experts=E, k=k, d_hidden=h),
+        tiny(ffn="dense", num_experts=E, k=k, d_hidden=h),
+    )
+    moe_counts, dense_counts = parameter_counts(moe), parameter_counts(dense)
+    layers = [*moe.encoder.moe, *moe.decoder.moe]
+    gates = sum(p.numel() for layer in layers for p in layer.gate.parameters())
+    assert gates > 0
+    assert moe_counts["active"] - dense_counts["active"] == gates + len(layers) * (k - 1) * d
+    per_expert = 2 * d * h + h + d
+    assert moe_counts["total"] - moe_counts["active"] == len(layers) * (E - k) * per_expert
+    assert dense_counts["total"] == dense_counts["active"]
+
+
+def test_config_dataclass_matches_the_constructor() -> None:
+    signature = inspect.signature(Seq2Seq.__init__).parameters
+    fields = {f.name: f for f in dataclasses.fields(Seq2SeqConfig)}
+    assert list(fields) == [name for name in signature if name != "self"]
+    config = Seq2SeqConfig()
+    for name, parameter in signature.items():
+        if name not in ("self", "vocab_size"):
+            default = parameter.default
+            default = dict(default or {}) if name == "moe_options" else default
+            default = list(default) if isinstance(default, tuple) else default
+            assert getattr(config, name) == default, name
+    assert (
+        Seq2Seq(**dataclasses.asdict(Seq2SeqConfig(vocab_size=V, hidden_size=8, embed_dim=8))).config[
+            "vocab_size"
+        ]
+        == V
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,14 @@ whole-sequence calls. Without input feeding even the bottom layer is one fused `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from nmt_moe.models.attention import Attention
 from nmt_moe.models.encoder import EncoderOutput
-from nmt_moe.models.ffn import apply_ffn
+from nmt_moe.models.ffn import apply_ffns_after
+from nmt_moe.moe import MoEOutput
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Decoder(nn.Module):
         zeros = enc.memory.new_zeros(len(self.layers) + 1, N, self.hidden_size)
         return DecoderState(zeros, zeros.clone(), enc.memory.new_zeros(N, self.hidden_size))
 
-    def forward(self, tgt_in: Tensor, enc: EncoderOutput) -> tuple[Tensor, dict[str, Any]]:
+    def forward(self, tgt_in: Tensor, enc: EncoderOutput) -> tuple[Tensor, dict[str, MoEOutput]]:
         """Teacher forcing: tgt_in [B, T] -> logits [B, T, V], {"decoder.moe<i>": MoEOutput}."""
         B, T = tgt_in.shape
         emb = self.dropout(self.embedding(tgt_in))  # [B, T, E]
@@ -124,11 +124,11 @@ class Decoder(nn.Module):
 
     def _upper(
         self, x: Tensor, ctx: Tensor, mask: Tensor, hidden: Tensor | None, cell: Tensor | None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], dict[str, Any]]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], dict[str, MoEOutput]]:
         """Layers above the bottom: x, ctx [B, T, H], mask [B, T]; hidden/cell [L-1, B, H] or None (zeros).
         Returns the top output [B, T, H], the final (hidden, cell) [L-1, B, H] and the MoE outputs."""
-        moe_outputs: dict[str, Any] = {}
-        x = self._ffns_after(1, x, mask, moe_outputs)
+        moe_outputs: dict[str, MoEOutput] = {}
+        x = self._ffns(1, x, mask, moe_outputs)
         hs, cs = [], []
         for i, lstm in enumerate(self.layers):
             layer_number = i + 2
@@ -137,24 +137,21 @@ class Decoder(nn.Module):
             hs.append(h)
             cs.append(c)
             x = y + x if layer_number >= 3 else y
-            x = self._ffns_after(layer_number, x, mask, moe_outputs)
+            x = self._ffns(layer_number, x, mask, moe_outputs)
         empty = x.new_zeros(0, x.shape[0], self.hidden_size)
         return x, (torch.cat(hs) if hs else empty, torch.cat(cs) if cs else empty), moe_outputs
 
-    def _ffns_after(self, layer_number: int, x: Tensor, mask: Tensor, outputs: dict[str, Any]) -> Tensor:
-        for i, position in enumerate(self.moe_after):
-            if position == layer_number:
-                x, out = apply_ffn(self.moe[i], x, mask, self.dropout)
-                if out is not None:
-                    outputs[f"decoder.moe{i}"] = out
-        return x
+    def _ffns(self, layer_number: int, x: Tensor, mask: Tensor, outputs: dict[str, MoEOutput]) -> Tensor:
+        return apply_ffns_after(
+            layer_number, self.moe_after, self.moe, x, mask, self.dropout, outputs, "decoder"
+        )
 
     def _logits(self, top: Tensor, ctx: Tensor) -> Tensor:
         """top, ctx [B, T, H] -> logits [B, T, V], all positions in one projection."""
         return self.output(self.dropout(torch.tanh(self.combine(torch.cat([top, ctx], dim=-1)))))
 
 
-def _expert_index_per_row(out: Any, mask: Tensor) -> Tensor:
+def _expert_index_per_row(out: MoEOutput, mask: Tensor) -> Tensor:
     """MoEOutput.expert_index [routed, k] spread back to all N rows: [N, k], -1 where a row was padding."""
     index = out.expert_index.new_full((mask.shape[0], out.expert_index.shape[-1]), -1)
     index[mask] = out.expert_index

@@ -9,13 +9,13 @@ their outputs at real positions never see padding and need no packing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from nmt_moe.models.ffn import apply_ffn
+from nmt_moe.models.ffn import apply_ffns_after
+from nmt_moe.moe import MoEOutput
 
 
 @dataclass
@@ -52,25 +52,22 @@ class Encoder(nn.Module):
         self.moe_after = list(moe_after)
         self.moe = nn.ModuleList(ffns)
 
-    def forward(self, src: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    def forward(self, src: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor, dict[str, MoEOutput]]:
         """src [B, S], src_lengths [B] -> memory [B, S, H], mask [B, S], {"encoder.moe<i>": MoEOutput}."""
         B, S = src.shape
         mask = torch.arange(S, device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)  # [B, S]
         x = self.dropout(self.embedding(src))  # [B, S, E]
         packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
         x, _ = pad_packed_sequence(self.bottom(packed)[0], batch_first=True, total_length=S)  # [B, S, H]
-        moe_outputs: dict[str, Any] = {}
-        x = self._ffns_after(1, x, mask, moe_outputs)
+        moe_outputs: dict[str, MoEOutput] = {}
+        x = self._ffns(1, x, mask, moe_outputs)
         for layer_number, lstm in enumerate(self.layers, start=2):
             y, _ = lstm(self.dropout(x))  # [B, S, H]
             x = y + x if layer_number >= 3 else y
-            x = self._ffns_after(layer_number, x, mask, moe_outputs)
+            x = self._ffns(layer_number, x, mask, moe_outputs)
         return x, mask, moe_outputs
 
-    def _ffns_after(self, layer_number: int, x: Tensor, mask: Tensor, outputs: dict[str, Any]) -> Tensor:
-        for i, position in enumerate(self.moe_after):
-            if position == layer_number:
-                x, out = apply_ffn(self.moe[i], x, mask, self.dropout)
-                if out is not None:
-                    outputs[f"encoder.moe{i}"] = out
-        return x
+    def _ffns(self, layer_number: int, x: Tensor, mask: Tensor, outputs: dict[str, MoEOutput]) -> Tensor:
+        return apply_ffns_after(
+            layer_number, self.moe_after, self.moe, x, mask, self.dropout, outputs, "encoder"
+        )

@@ -11,28 +11,51 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from nmt_moe.moe import FeedForward, MoELayer, MoEOutput
+
 FFN_TYPES = ("moe", "dense", "none")
 
 
 def build_ffn(
     ffn: str, d_model: int, *, num_experts: int, k: int, gate: str, d_hidden: int, options: dict[str, Any]
 ) -> nn.Module:
-    """A MoELayer, or the dense FeedForward of the same active size (hidden k * d_hidden)."""
-    from nmt_moe.moe import FeedForward, MoELayer  # the moe package is the layer below models
-
+    """A MoELayer, or the dense FeedForward of the same active size: hidden = d_hidden times the experts a
+    token visits (k; k * k_group for the hierarchical gate; plus any shared experts)."""
     if ffn == "moe":
         return MoELayer(
             d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k, gate=gate, **options
         )
     if ffn == "dense":
-        return FeedForward(d_model, k * d_hidden)
+        per_token = k * (options.get("k_group", 1) if gate == "hierarchical" else 1)
+        per_token += options.get("num_shared_experts", 0)
+        return FeedForward(d_model, per_token * d_hidden, activation=options.get("activation", "relu"))
     raise ValueError(f"ffn must be 'moe' or 'dense' to build a layer, got {ffn!r}")
 
 
-def apply_ffn(layer: nn.Module, x: Tensor, mask: Tensor, dropout: nn.Module) -> tuple[Tensor, Any]:
-    """x [B, T, D], mask [B, T] (True = real) -> (x + dropout(layer(x)) [B, T, D], MoEOutput or None)."""
-    from nmt_moe.moe import MoELayer
+def apply_ffns_after(
+    layer_number: int,
+    positions: list[int],
+    ffns: nn.ModuleList,
+    x: Tensor,
+    mask: Tensor,
+    dropout: nn.Module,
+    outputs: dict[str, MoEOutput],
+    prefix: str,
+) -> Tensor:
+    """Applies the FFN layers placed after LSTM layer `layer_number` (ffns[i] sits after positions[i]) to
+    x [B, T, D] with mask [B, T]; records each MoE output as outputs[f"{prefix}.moe{i}"]."""
+    for i, position in enumerate(positions):
+        if position == layer_number:
+            x, out = apply_ffn(ffns[i], x, mask, dropout)
+            if out is not None:
+                outputs[f"{prefix}.moe{i}"] = out
+    return x
 
+
+def apply_ffn(
+    layer: nn.Module, x: Tensor, mask: Tensor, dropout: nn.Module
+) -> tuple[Tensor, MoEOutput | None]:
+    """x [B, T, D], mask [B, T] (True = real) -> (x + dropout(layer(x)) [B, T, D], MoEOutput or None)."""
     if isinstance(layer, MoELayer):
         out = layer(x, mask=mask)  # routes only the real tokens; out.y is zero at padding
         return x + dropout(out.y), out

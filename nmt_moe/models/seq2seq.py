@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,15 +18,100 @@ from nmt_moe.models.attention import ATTENTION_TYPES
 from nmt_moe.models.decoder import Decoder, DecoderState, StepOutput
 from nmt_moe.models.encoder import Encoder, EncoderOutput
 from nmt_moe.models.ffn import FFN_TYPES, build_ffn
+from nmt_moe.moe import MoELayer, MoEOutput
 
 # Fixed by the tokenizer contract (nmt_moe.data.tokenizer): the model needs PAD for masking and embeddings.
 PAD_ID = 0
 
 
 @dataclass
+class Seq2SeqConfig:
+    """Every model knob, as primitives; `Seq2Seq(**dataclasses.asdict(config))` builds the model.
+
+    vocab_size: joint source/target vocabulary (one SentencePiece model serves both sides).
+    embed_dim, hidden_size: embedding and LSTM sizes; the bidirectional bottom encoder layer uses
+        hidden_size / 2 per direction.
+    encoder_layers, decoder_layers: LSTM layers; residual connections start at the third layer.
+    attention: "general" | "dot" | "additive".
+    input_feeding: feed the previous attention context to the bottom decoder layer (better quality; makes
+        that layer step token by token in training).
+    dropout: on embeddings, between layers, on MoE/FFN outputs and before the output layer.
+    tie_embeddings: the output layer shares the target embedding matrix.
+    share_embeddings: source and target share one embedding matrix.
+    ffn: "moe" (MoELayer), "dense" (FeedForward of the same active size: equal compute per token), or
+        "none" (plain LSTM stack; the positions below are then ignored).
+    encoder_moe_after, decoder_moe_after: 1-based LSTM layers followed by an MoE layer ([2] = between
+        layers 2 and 3); each must be below the top layer. The paper: encoder [2], decoder [1].
+    num_experts, k, gate, d_hidden: MoELayer settings; moe_options: any further MoELayer keyword
+        (capacity_factor, w_importance, activation, ...).
+    """
+
+    vocab_size: int = 8000
+    embed_dim: int = 256
+    hidden_size: int = 256
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    attention: str = "general"
+    input_feeding: bool = True
+    dropout: float = 0.2
+    tie_embeddings: bool = True
+    share_embeddings: bool = True
+    ffn: str = "moe"
+    encoder_moe_after: list[int] = field(default_factory=lambda: [1])
+    decoder_moe_after: list[int] = field(default_factory=lambda: [1])
+    num_experts: int = 8
+    k: int = 2
+    gate: str = "noisy_topk"
+    d_hidden: int = 512
+    moe_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Rejects a bad configuration before anything is built, naming the argument at fault."""
+        self.encoder_moe_after, self.decoder_moe_after = (
+            list(self.encoder_moe_after),
+            list(self.decoder_moe_after),
+        )
+        self.moe_options = dict(self.moe_options)
+        sizes = ["vocab_size", "embed_dim", "hidden_size", "encoder_layers", "decoder_layers"]
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % 2:
+            raise ValueError(f"hidden_size must be even (the bidirectional encoder layer halves it), got "
+                             f"{self.hidden_size}")  # fmt: skip
+        if self.attention not in ATTENTION_TYPES:
+            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.ffn not in FFN_TYPES:
+            raise ValueError(f"ffn must be one of {FFN_TYPES}, got {self.ffn!r}")
+        if self.ffn == "none":
+            return
+        for name, layers in [
+            ("encoder_moe_after", self.encoder_layers),
+            ("decoder_moe_after", self.decoder_layers),
+        ]:
+            positions = getattr(self, name)
+            for position in positions:
+                if not 1 <= position < layers:
+                    raise ValueError(
+                        f"{name} position {position} is outside the LSTM stack: with {layers} layers an MoE "
+                        f"layer can follow layers 1..{layers - 1}"
+                    )
+            if len(set(positions)) != len(positions):
+                raise ValueError(f"{name} lists a position twice: {positions}")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"k must be in 1..num_experts ({self.num_experts}), got {self.k}")
+        if self.d_hidden < 1:
+            raise ValueError(f"d_hidden must be >= 1, got {self.d_hidden}")
+
+
+@dataclass
 class Seq2SeqOutput:
     logits: Tensor  # [B, T, V]
-    moe: dict[str, Any] = field(default_factory=dict)  # "encoder.moe0", "decoder.moe0", ... -> MoEOutput
+    moe: dict[str, MoEOutput] = field(default_factory=dict)  # "encoder.moe0", "decoder.moe0", ...
 
     @property
     def aux_loss(self) -> Tensor:
@@ -55,65 +141,41 @@ class Seq2Seq(nn.Module):
         d_hidden: int = 512,
         moe_options: dict[str, Any] | None = None,
     ) -> None:
-        """Args:
-        vocab_size: joint source/target vocabulary (one SentencePiece model serves both sides).
-        embed_dim, hidden_size: embedding and LSTM sizes; the bidirectional bottom encoder layer uses
-            hidden_size / 2 per direction.
-        encoder_layers, decoder_layers: LSTM layers; residual connections start at the third layer.
-        attention: "general" | "dot" | "additive".
-        input_feeding: feed the previous attention context to the bottom decoder layer (better quality; makes
-            that layer step token by token in training).
-        tie_embeddings: the output layer shares the target embedding matrix.
-        share_embeddings: source and target share one embedding matrix.
-        ffn: "moe" (MoELayer), "dense" (FeedForward with hidden k * d_hidden: equal compute per token), or
-            "none" (plain LSTM stack, the positions below are ignored).
-        encoder_moe_after, decoder_moe_after: 1-based LSTM layers followed by an MoE layer ([2] = between
-            layers 2 and 3); each must be below the top layer.
-        num_experts, k, gate, d_hidden: MoELayer settings; moe_options: any further MoELayer keyword.
-        """
+        """Arguments as in `Seq2SeqConfig` (which documents them and validates them)."""
         super().__init__()
-        encoder_moe_after, decoder_moe_after = list(encoder_moe_after), list(decoder_moe_after)
-        moe_options = dict(moe_options or {})
-        _validate(
-            vocab_size, embed_dim, hidden_size, encoder_layers, decoder_layers, attention, dropout, ffn,
-            encoder_moe_after, decoder_moe_after, num_experts, k, d_hidden,
-        )  # fmt: skip
-        self._config = dict(
+        cfg = Seq2SeqConfig(
             vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size,
             encoder_layers=encoder_layers, decoder_layers=decoder_layers, attention=attention,
-            input_feeding=input_feeding, dropout=dropout, tie_embeddings=tie_embeddings,
-            share_embeddings=share_embeddings, ffn=ffn, encoder_moe_after=encoder_moe_after,
-            decoder_moe_after=decoder_moe_after, num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden,
-            moe_options=moe_options,
+            input_feeding=input_feeding, dropout=dropout,
+            tie_embeddings=tie_embeddings, share_embeddings=share_embeddings, ffn=ffn,
+            encoder_moe_after=list(encoder_moe_after), decoder_moe_after=list(decoder_moe_after),
+            num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden, moe_options=dict(moe_options or {}),
         )  # fmt: skip
-        if ffn == "none":
-            encoder_moe_after, decoder_moe_after = [], []
+        self._config = cfg
+        encoder_moe_after, decoder_moe_after = (
+            ([], []) if ffn == "none" else (cfg.encoder_moe_after, cfg.decoder_moe_after)
+        )
 
         def ffns(count: int) -> list[nn.Module]:
-            kwargs = dict(num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden, options=moe_options)
+            kwargs = dict(num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden, options=cfg.moe_options)
             return [build_ffn(ffn, hidden_size, **kwargs) for _ in range(count)]
 
         src_embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
         tgt_embedding = src_embedding if share_embeddings else nn.Embedding(vocab_size, embed_dim, PAD_ID)
+        enc_ffns, dec_ffns = ffns(len(encoder_moe_after)), ffns(len(decoder_moe_after))
         self.encoder = Encoder(
-            src_embedding,
-            hidden_size,
-            encoder_layers,
-            dropout,
-            encoder_moe_after,
-            ffns(len(encoder_moe_after)),
+            src_embedding, hidden_size, encoder_layers, dropout, encoder_moe_after, enc_ffns
         )
         self.decoder = Decoder(
             tgt_embedding, hidden_size, decoder_layers, attention, input_feeding, dropout,
-            decoder_moe_after, ffns(len(decoder_moe_after)), tie_embeddings, PAD_ID,
+            decoder_moe_after, dec_ffns, tie_embeddings, PAD_ID,
         )  # fmt: skip
         self._init_lstm_weights()
 
     @property
     def config(self) -> dict[str, Any]:
         """The init arguments as primitives: `Seq2Seq(**model.config)` rebuilds this model."""
-        return {key: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-                for key, v in self._config.items()}  # fmt: skip
+        return dataclasses.asdict(self._config)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Seq2SeqOutput:
         """Teacher forcing: src [B, S], src_lengths [B], tgt_in [B, T] (BOS + target) -> logits [B, T, V]."""
@@ -146,51 +208,13 @@ class Seq2Seq(nn.Module):
             self.decoder.embedding.weight[PAD_ID].zero_()
 
 
-def _validate(
-    vocab_size: int,
-    embed_dim: int,
-    hidden_size: int,
-    encoder_layers: int,
-    decoder_layers: int,
-    attention: str,
-    dropout: float,
-    ffn: str,
-    encoder_moe_after: list[int],
-    decoder_moe_after: list[int],
-    num_experts: int,
-    k: int,
-    d_hidden: int,
-) -> None:
-    """Reject bad configurations before building anything, naming the argument at fault."""
-    for name, value in [("vocab_size", vocab_size), ("embed_dim", embed_dim), ("hidden_size", hidden_size),
-                        ("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)]:  # fmt: skip
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if hidden_size % 2:
-        raise ValueError(
-            f"hidden_size must be even (the bidirectional encoder layer halves it), got {hidden_size}"
-        )
-    if attention not in ATTENTION_TYPES:
-        raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {attention!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if ffn not in FFN_TYPES:
-        raise ValueError(f"ffn must be one of {FFN_TYPES}, got {ffn!r}")
-    if ffn == "none":
-        return
-    for name, positions, layers in [("encoder_moe_after", encoder_moe_after, encoder_layers),
-                                    ("decoder_moe_after", decoder_moe_after, decoder_layers)]:  # fmt: skip
-        for position in positions:
-            if not 1 <= position < layers:
-                raise ValueError(
-                    f"{name} position {position} is outside the LSTM stack: with {layers} layers an MoE "
-                    f"layer can follow layers 1..{layers - 1}"
-                )
-        if len(set(positions)) != len(positions):
-            raise ValueError(f"{name} lists a position twice: {positions}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if not 1 <= k <= num_experts:
-        raise ValueError(f"k must be in 1..num_experts ({num_experts}), got {k}")
-    if d_hidden < 1:
-        raise ValueError(f"d_hidden must be >= 1, got {d_hidden}")
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters and the active ones per token: of each MoE layer's expert bank only the share of
+    the experts a token visits counts as active (gates and shared experts count in full)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            bank = sum(p.numel() for p in layer.experts.parameters())
+            inactive += bank - bank * layer.experts_per_token // layer.num_experts
+    return {"total": total, "active": total - inactive}
