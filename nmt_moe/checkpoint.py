@@ -1,0 +1,362 @@
+"""Load, save, export and average models; every load is `torch.load(..., weights_only=True)`.
+
+A model path is either
+  * a Lightning training checkpoint: `state_dict` with keys `model.<...>` for the Seq2Seq, plus
+    `checkpoint["nmt_moe"] = {"version": 1, "model_config": ..., "tokenizer": <SentencePiece bytes>}`; or
+  * an export bundle: a directory with `weights.pt` (the Seq2Seq state dict), `config.json`
+    ({"version": 1, "model_config": ...}) and `sentencepiece.model`: all a translation needs.
+
+Files are written atomically (temp file in the same directory, then `os.replace`), so an interrupted run
+never leaves a truncated file that looks complete. Problems with a model path raise `ModelLoadError`, whose
+one-line message says what is wrong and what to do; the CLIs print it and exit with code 2.
+
+This module imports neither Lightning nor `datasets`: `nmt-moe translate` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import Tensor
+
+from nmt_moe.data.tokenizer import Tokenizer
+from nmt_moe.models import Seq2Seq
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "weights.pt", "config.json", "sentencepiece.model"
+MODEL_PREFIX = "model."  # the Seq2Seq's keys inside a Lightning checkpoint's state_dict
+
+
+class ModelLoadError(Exception):
+    """A model/checkpoint path that cannot be used (missing, corrupt, unsafe or incompatible)."""
+
+
+# --- atomic files ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temp file beside `path`; on success fsync and `os.replace` it onto `path`, on error delete it.
+
+    Readers see either the old file or the complete new one, never a half-written one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True, turning its many failure modes into one clear ModelLoadError."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file (pass a training checkpoint or an export directory)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused a non-tensor object
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"{path}: holds objects that cannot be loaded safely with weights_only=True ({first_line}); "
+            "re-export it with `nmt-moe export` from a trusted environment"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ModelLoadError(
+            f"{path}: not a readable PyTorch file, probably truncated or corrupt ({type(error).__name__}); "
+            "use another checkpoint or re-save it"
+        ) from error
+
+
+def _nmt_moe_section(section: Any, path: Path) -> dict[str, Any]:
+    """Validate the {"version", "model_config", ...} dict shared by checkpoints and bundles."""
+    if not isinstance(section, dict) or "model_config" not in section:
+        raise ModelLoadError(
+            f"{path}: has no nmt-moe model config; it was not written by `nmt-moe train` or `nmt-moe export`"
+        )
+    version = section.get("version")
+    if version != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path}: format version {version!r}, this nmt-moe reads version {FORMAT_VERSION}; "
+            "use the nmt-moe release that wrote it"
+        )
+    if not isinstance(section["model_config"], dict):
+        raise ModelLoadError(f"{path}: model_config is not a dict")
+    return section
+
+
+def read_model_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], bytes]:
+    """(model config, Seq2Seq state dict, SentencePiece model bytes) from a checkpoint or a bundle."""
+    path = Path(path)
+    if path.is_dir():
+        missing = [
+            name for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (path / name).is_file()
+        ]
+        if missing:
+            raise ModelLoadError(
+                f"{path}: export directory lacks {', '.join(missing)}; re-create it with `nmt-moe export`"
+            )
+        try:
+            section = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"{path / CONFIG_FILE}: not valid JSON ({error})") from error
+        section = _nmt_moe_section(section, path / CONFIG_FILE)
+        state = _torch_load(path / WEIGHTS_FILE)
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"{path / WEIGHTS_FILE}: not a state dict")
+        return section["model_config"], state, (path / TOKENIZER_FILE).read_bytes()
+
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ModelLoadError(f"{path}: not a training checkpoint (no state_dict)")
+    section = _nmt_moe_section(checkpoint.get("nmt_moe"), path)
+    if not isinstance(section.get("tokenizer"), bytes):
+        raise ModelLoadError(f"{path}: checkpoint carries no SentencePiece model (nmt_moe.tokenizer)")
+    state = {
+        key[len(MODEL_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(MODEL_PREFIX)
+    }
+    if not state:
+        raise ModelLoadError(f"{path}: state_dict has no `{MODEL_PREFIX}*` weights")
+    return section["model_config"], state, section["tokenizer"]
+
+
+def build_model(config: dict[str, Any], state: dict[str, Tensor], tokenizer_bytes: bytes, where: Path):
+    """Seq2Seq (eval mode) and Tokenizer from their parts, checking that the parts agree."""
+    try:
+        model = Seq2Seq(**config)
+    except (TypeError, ValueError) as error:
+        raise ModelLoadError(
+            f"{where}: model config does not fit this nmt-moe's Seq2Seq ({error})"
+        ) from error
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"{where}: weights do not match the model config (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}); the checkpoint is incomplete or from another model"
+        )
+    try:
+        tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    except (RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"{where}: unusable SentencePiece model ({error})") from error
+    if tokenizer.vocab_size != config.get("vocab_size"):
+        raise ModelLoadError(
+            f"{where}: SentencePiece vocabulary has {tokenizer.vocab_size} pieces but the model "
+            f"{config.get('vocab_size')}; tokenizer and weights come from different runs"
+        )
+    return model.eval(), tokenizer
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2Seq, Tokenizer]:
+    """The Seq2Seq (eval mode, on `device`) and its Tokenizer from a checkpoint or an export directory."""
+    config, state, tokenizer_bytes = read_model_files(path)
+    model, tokenizer = build_model(config, state, tokenizer_bytes, Path(path))
+    return model.to(device), tokenizer
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, **extra: Any) -> None:
+    """A minimal checkpoint in the training format (what `nmt-moe train` writes, minus trainer state)."""
+    checkpoint = {
+        "state_dict": {MODEL_PREFIX + key: value for key, value in model.state_dict().items()},
+        "nmt_moe": {
+            "version": FORMAT_VERSION,
+            "model_config": model.config,
+            "tokenizer": tokenizer.to_bytes(),
+        },
+        **extra,
+    }
+    with atomic_write(path) as handle:
+        torch.save(checkpoint, handle)
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write the export directory for `checkpoint` (itself a checkpoint or a bundle); returns out_dir.
+
+    The bundle is assembled in a temp directory and renamed into place, replacing an older bundle.
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    config, state, tokenizer_bytes = read_model_files(checkpoint)
+    build_model(config, state, tokenizer_bytes, checkpoint)  # refuse to export something that cannot load
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or _is_bundle(out_dir))):
+        raise ModelLoadError(f"{out_dir}: exists and is not an export directory; choose another output path")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        torch.save({key: value.contiguous() for key, value in state.items()}, staging / WEIGHTS_FILE)
+        section = {"version": FORMAT_VERSION, "model_config": config}
+        (staging / CONFIG_FILE).write_text(json.dumps(section, indent=2) + "\n", encoding="utf-8")
+        (staging / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+# --- averaging ---------------------------------------------------------------------------------------------
+
+
+def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Element-wise mean of the floating-point weights of training checkpoints of one model.
+
+    Integer buffers are taken from the last checkpoint. The result keeps the last checkpoint's `nmt_moe`
+    section, hyper-parameters and step counters, but no optimizer state: it is for translating and
+    exporting, not for resuming training.
+    """
+    if not paths:
+        raise ModelLoadError("no checkpoints to average")
+    total: dict[str, Tensor] = {}
+    last: dict[str, Any] = {}
+    reference_config = None
+    for path in map(Path, paths):
+        checkpoint = _torch_load(path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ModelLoadError(f"{path}: not a training checkpoint (no state_dict)")
+        config = _nmt_moe_section(checkpoint.get("nmt_moe"), path)["model_config"]
+        if reference_config is None:
+            reference_config = config
+        elif config != reference_config:
+            raise ModelLoadError(
+                f"{path}: model config differs from {paths[0]}; average one model's checkpoints"
+            )
+        state = checkpoint["state_dict"]
+        if total and state.keys() != total.keys():
+            raise ModelLoadError(f"{path}: parameter names differ from {paths[0]}")
+        for key, value in state.items():
+            if key in total and total[key].shape != value.shape:
+                raise ModelLoadError(
+                    f"{path}: {key} has shape {tuple(value.shape)}, not {tuple(total[key].shape)}"
+                )
+            if value.is_floating_point():
+                total[key] = total[key] + value.double() if key in total else value.double()
+            else:
+                total[key] = value
+        last = checkpoint
+    averaged = {
+        key: (value / len(paths)).to(last["state_dict"][key].dtype) if value.is_floating_point() else value
+        for key, value in total.items()
+    }
+    kept = ("nmt_moe", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")
+    result = {key: last[key] for key in kept if key in last}
+    result["state_dict"] = averaged
+    result["averaged_from"] = [str(p) for p in paths]
+    return result
+
+
+def last_checkpoints(directory: str | Path, n: int) -> list[Path]:
+    """The `n` latest checkpoints in `directory`, oldest first.
+
+    Order is the `step=N` in Lightning's file names (file modification time where a name has none);
+    `last*.ckpt` copies are skipped since they duplicate the newest checkpoint.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: not a directory")
+    found = [p for p in directory.glob("*.ckpt") if not p.name.startswith("last")]
+
+    def order(path: Path) -> tuple[float, float]:
+        step = re.search(r"step=(\d+)", path.name)
+        return (float(step[1]) if step else -1.0, path.stat().st_mtime)
+
+    found.sort(key=order)
+    if len(found) < n:
+        raise ModelLoadError(
+            f"{directory}: has {len(found)} checkpoints (last*.ckpt excluded), fewer than {n}"
+        )
+    return found[-n:]
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def _run(prog: str, action: Any) -> int:
+    try:
+        action()
+    except ModelLoadError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nmt-moe export",
+        description="Write a self-contained model directory (weights.pt, config.json, sentencepiece.model) "
+        "that `nmt-moe translate -m DIR` can use with nothing else.",
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="training checkpoint (.ckpt) or another export directory"
+    )
+    parser.add_argument("-o", "--output", type=Path, required=True, help="directory to write")
+    args = parser.parse_args(argv)
+
+    def action() -> None:
+        export_bundle(args.checkpoint, args.output)
+        print(f"exported {args.checkpoint} -> {args.output}", file=sys.stderr)
+
+    return _run(parser.prog, action)
+
+
+def average_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nmt-moe average",
+        description="Average the weights of several checkpoints of one training run into a new checkpoint "
+        "(for translating or exporting; optimizer state is dropped).",
+    )
+    parser.add_argument("checkpoints", nargs="*", type=Path, help="checkpoints to average")
+    parser.add_argument(
+        "--last", nargs=2, metavar=("N", "DIR"), help="average the N latest checkpoints in DIR"
+    )
+    parser.add_argument("-o", "--output", type=Path, required=True, help="checkpoint file to write")
+    args = parser.parse_args(argv)
+    if bool(args.checkpoints) == bool(args.last):
+        parser.error("give either checkpoint paths or --last N DIR")
+
+    def action() -> None:
+        if args.last:
+            if not args.last[0].isdigit() or int(args.last[0]) < 1:
+                raise ModelLoadError(f"--last N must be a positive integer, got {args.last[0]!r}")
+            paths = last_checkpoints(args.last[1], int(args.last[0]))
+        else:
+            paths = args.checkpoints
+        averaged = average_checkpoints(paths)
+        with atomic_write(args.output) as handle:
+            torch.save(averaged, handle)
+        print(f"averaged {len(paths)} checkpoints -> {args.output}", file=sys.stderr)
+
+    return _run(parser.prog, action)

@@ -1,0 +1,338 @@
+"""`nmt-moe translate`: translate a file (or stdin) line by line, never losing or reordering a line.
+
+Guarantees, in the order the work happens:
+  1. all input bytes are read and every line decoded as UTF-8 first; a bad line stops the run with its
+     line number before anything is written;
+  2. lines are split on "\\n" only (a trailing "\\r" of CRLF files is dropped too); an empty or blank line
+     becomes an empty output line without reaching the model;
+  3. a line longer than `--max-input-tokens` is truncated, with a warning naming its line number;
+  4. sentences are sorted by length and batched by `--max-tokens` (padded source tokens per batch; beam
+     search multiplies the decoder batch by the beam size), results are put back in input order;
+  5. the output file is written to a temp file beside it and renamed into place when complete.
+
+Text output has one line per input line (the best hypothesis). `--nbest N` > 1 needs `--output-format
+jsonl`, whose lines carry the score, the token ids, the n-best list and optionally the experts each
+target token was routed to.
+
+Start-up matters here (users pay it per file): this module imports neither Lightning nor `datasets`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_model
+from nmt_moe.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, lang_token
+from nmt_moe.decoding.beam import Hypothesis, beam_search
+
+
+class InputError(Exception):
+    """Input text that cannot be translated as given (e.g. invalid UTF-8); the message names the line."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Search settings shared by `translate`, `evaluate -m` and the benchmark."""
+
+    beam_size: int = 5
+    nbest: int = 1
+    alpha: float = 0.6
+    beta: float = 0.0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    min_len: int = 0
+    experts: bool = False
+
+
+# --- input -------------------------------------------------------------------------------------------------
+
+
+def read_lines(data: bytes, source: str = "input") -> list[str]:
+    """Lines of `data` (split on b"\\n", trailing b"\\r" dropped), each decoded as strict UTF-8.
+
+    A final line without a newline still counts; a file ending in a newline has no extra empty line.
+    """
+    raw = data.split(b"\n")
+    if raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for number, line in enumerate(raw, start=1):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"{source}: line {number} is not valid UTF-8 (byte {line[error.start]:#04x} at byte offset "
+                f"{error.start}); convert the file to UTF-8, e.g. with iconv"
+            ) from error
+    return lines
+
+
+def encode_sources(
+    lines: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    max_input_tokens: int,
+    prefix: Sequence[int] = (),
+    warn: Callable[[str], None] | None = None,
+) -> list[list[int]]:
+    """Model input ids per line (prefix + pieces + EOS), or [] for a line with nothing to translate.
+
+    Lines over `max_input_tokens` (EOS and prefix included) are truncated with a warning naming the line.
+    """
+    if max_input_tokens < len(prefix) + 2:
+        raise ValueError(f"max_input_tokens must leave room for a token and EOS, got {max_input_tokens}")
+    sources = []
+    for number, ids in enumerate(tokenizer.encode(list(lines)), start=1):
+        if not ids:
+            sources.append([])
+            continue
+        ids = [*prefix, *ids]
+        if len(ids) + 1 > max_input_tokens:
+            if warn is not None:
+                warn(
+                    f"line {number}: {len(ids) + 1} tokens, truncated to --max-input-tokens={max_input_tokens}"
+                )
+            ids = ids[: max_input_tokens - 1]
+        sources.append([*ids, EOS_ID])
+    return sources
+
+
+def make_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int) -> list[list[int]]:
+    """Indices of the non-empty sources, longest first, grouped so batch size * longest <= max_tokens."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        current = batches[-1] if batches else None
+        # the first index of a batch is its longest source
+        if (
+            current
+            and len(current) < max_sentences
+            and (len(current) + 1) * lengths[current[0]] <= max_tokens
+        ):
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+
+def translate_sources(
+    model: Any,
+    sources: Sequence[list[int]],
+    options: DecodeOptions,
+    *,
+    max_tokens: int = 4096,
+    max_sentences: int = 256,
+    progress: bool = False,
+) -> list[list[Hypothesis]]:
+    """n-best lists per source (empty list for an empty source), in the order of `sources`."""
+    device = next(model.parameters()).device
+    results: list[list[Hypothesis]] = [[] for _ in sources]
+    batches = make_batches([len(s) for s in sources], max_tokens, max_sentences)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(map(len, batches)), unit="sent", file=sys.stderr, dynamic_ncols=True)
+    for batch in batches:
+        lengths = torch.tensor([len(sources[i]) for i in batch])
+        src = torch.full((len(batch), int(lengths.max())), PAD_ID, dtype=torch.long)
+        for row, i in enumerate(batch):
+            src[row, : len(sources[i])] = torch.tensor(sources[i])
+        hyps = beam_search(
+            model,
+            src.to(device),
+            lengths.to(device),
+            beam_size=options.beam_size,
+            nbest=options.nbest,
+            alpha=options.alpha,
+            beta=options.beta,
+            max_len_a=options.max_len_a,
+            max_len_b=options.max_len_b,
+            min_len=options.min_len,
+            return_experts=options.experts,
+        )
+        for i, nbest in zip(batch, hyps, strict=True):
+            results[i] = nbest
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def one_line(text: str) -> str:
+    """Guard the one-line-per-input rule against a detokenised newline or carriage return."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def format_output(
+    results: Sequence[list[Hypothesis]], tokenizer: Tokenizer, output_format: str, experts: bool
+) -> str:
+    """The whole output text: one line per input line, text (best hypothesis) or JSON Lines."""
+    best_texts = tokenizer.decode([nbest[0].tokens if nbest else [] for nbest in results])
+    if output_format == "text":
+        return "".join(one_line(text) + "\n" for text in best_texts)
+    out = []
+    for number, (nbest, text) in enumerate(zip(results, best_texts, strict=True), start=1):
+        record: dict[str, Any] = {"line": number, "translation": one_line(text)}
+        best = nbest[0] if nbest else None
+        record["score"] = best.score if best else None
+        record["log_prob"] = best.log_prob if best else None
+        record["tokens"] = best.tokens if best else []
+        if len(nbest) > 1:
+            texts = tokenizer.decode([h.tokens for h in nbest])
+            record["nbest"] = [
+                {"translation": one_line(t), "score": h.score, "log_prob": h.log_prob, "tokens": h.tokens}
+                for t, h in zip(texts, nbest, strict=True)
+            ]
+        if experts:
+            record["experts"] = best.experts if best else []
+        out.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(out)
+
+
+def translate_lines(
+    model: Any,
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    options: DecodeOptions,
+    *,
+    max_tokens: int = 4096,
+    max_sentences: int = 256,
+    max_input_tokens: int = 1024,
+    target_lang: str | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> list[list[Hypothesis]]:
+    """Encode, batch, search: the library form of `nmt-moe translate` (n-best lists in input order)."""
+    prefix = [tokenizer.token_id(lang_token(target_lang))] if target_lang else []
+    sources = encode_sources(lines, tokenizer, max_input_tokens=max_input_tokens, prefix=prefix, warn=warn)
+    return translate_sources(
+        model, sources, options, max_tokens=max_tokens, max_sentences=max_sentences, progress=progress
+    )
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and search options, shared with `nmt-moe evaluate -m`."""
+    group = parser.add_argument_group("model and search")
+    group.add_argument("-m", "--model", type=Path, help="training checkpoint (.ckpt) or `nmt-moe export` dir")
+    group.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy (default 5)")
+    group.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty alpha (default 0.6)")
+    group.add_argument("--beta", type=float, default=0.0, help="GNMT coverage penalty beta (default 0)")
+    group.add_argument("--max-len-a", type=float, default=1.5, help="max output = a * source length + b")
+    group.add_argument("--max-len-b", type=int, default=10, help="see --max-len-a (default 10)")
+    group.add_argument("--min-len", type=int, default=0, help="no EOS before this many tokens (default 0)")
+    group.add_argument(
+        "--max-tokens", type=int, default=4096, help="padded source tokens per batch (default 4096)"
+    )
+    group.add_argument("--max-sentences", type=int, default=256, help="sentences per batch (default 256)")
+    group.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=1024,
+        help="longer inputs are truncated with a warning (default 1024)",
+    )
+    group.add_argument("--target-lang", help="prepend the <2xx> tag (models trained with target_lang_token)")
+    group.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def decode_options(args: argparse.Namespace, nbest: int = 1, experts: bool = False) -> DecodeOptions:
+    return DecodeOptions(
+        beam_size=args.beam,
+        nbest=nbest,
+        alpha=args.alpha,
+        beta=args.beta,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        min_len=args.min_len,
+        experts=experts,
+    )
+
+
+def check_decoding_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad option values up front (argparse exits with code 2 and names the option)."""
+    if args.beam < 1:
+        parser.error(f"--beam must be >= 1, got {args.beam}")
+    if args.alpha < 0 or args.beta < 0:
+        parser.error("--alpha and --beta must be >= 0")
+    if args.min_len < 0:
+        parser.error("--min-len must be >= 0")
+    for name in ("max_tokens", "max_sentences"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_input_tokens < 3:
+        parser.error("--max-input-tokens must be >= 3")
+
+
+def warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def translate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nmt-moe translate",
+        description="Translate text, one output line per input line (stdin to stdout by default).",
+    )
+    parser.add_argument("-i", "--input", type=Path, help="input text file, UTF-8 (default stdin)")
+    parser.add_argument("-o", "--output", type=Path, help="output file, written atomically (default stdout)")
+    parser.add_argument("--output-format", choices=("text", "jsonl"), default="text")
+    parser.add_argument("--nbest", type=int, default=1, help="hypotheses per line (> 1 needs jsonl)")
+    parser.add_argument("--experts", action="store_true", help="jsonl: experts each target token used")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_decoding_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error("-m/--model is required")
+    check_decoding_arguments(parser, args)
+    if not 1 <= args.nbest <= args.beam:
+        parser.error(f"--nbest must be between 1 and --beam ({args.beam}), got {args.nbest}")
+    if args.output_format == "text" and (args.nbest > 1 or args.experts):
+        parser.error("--nbest > 1 and --experts need --output-format jsonl (text keeps one line per input)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    prog = parser.prog
+    try:
+        data = args.input.read_bytes() if args.input else sys.stdin.buffer.read()
+        lines = read_lines(data, str(args.input or "stdin"))
+        model, tokenizer = load_model(args.model, args.device)
+        results = translate_lines(
+            model,
+            tokenizer,
+            lines,
+            decode_options(args, args.nbest, args.experts),
+            max_tokens=args.max_tokens,
+            max_sentences=args.max_sentences,
+            max_input_tokens=args.max_input_tokens,
+            target_lang=args.target_lang,
+            progress=args.input is not None and not args.quiet,
+            warn=warn_stderr,
+        )
+    except (InputError, ModelLoadError, OSError, KeyError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    text = format_output(results, tokenizer, args.output_format, args.experts)
+    if args.output is None:
+        sys.stdout.buffer.write(text.encode("utf-8"))  # UTF-8 whatever the locale says
+        sys.stdout.flush()
+    else:
+        with atomic_write(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return 0
