@@ -147,13 +147,15 @@ class TranslationDataModule(pl.LightningDataModule):
     # -- Lightning hooks -------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Runs once per node before setup: builds the cache (a no-op when it exists)."""
-        prepare(self.config, self.cache_dir, self.num_proc)
+        """Runs once per node before setup: builds the cache (finds it when it exists)."""
+        self.prepared = prepare(self.config, self.cache_dir, self.num_proc)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.prepared is not None:
+        """Loads the prepared splits; under DDP, ranks that skipped prepare_data find the cache here."""
+        if self.splits:
             return
-        self.prepared = prepare(self.config, self.cache_dir, self.num_proc)
+        if self.prepared is None:
+            self.prepared = prepare(self.config, self.cache_dir, self.num_proc)
         self.src_tokenizer: Tokenizer = self.prepared.src_tokenizer
         self.tokenizer: Tokenizer = (
             self.prepared.tgt_tokenizer if not self.config.joint_vocab else self.src_tokenizer
