@@ -119,7 +119,11 @@ class _Pairs(torch.utils.data.Dataset):
         return len(self.src)
 
     def __getitem__(self, i: int) -> dict:
-        return {"src_ids": [5] * (int(self.src[i]) - 1) + [3], "tgt_ids": [2] + [6] * (int(self.tgt[i]) - 2) + [3], "index": i}
+        return {
+            "src_ids": [5] * (int(self.src[i]) - 1) + [3],
+            "tgt_ids": [2] + [6] * (int(self.tgt[i]) - 2) + [3],
+            "index": i,
+        }
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -148,7 +152,10 @@ def test_stateful_dataloader_resumes_mid_epoch(num_workers: int) -> None:
 
 def test_collate_pads_right_with_pad_id() -> None:
     batch = collate_pairs(
-        [{"src_ids": [7, 3], "tgt_ids": [2, 8, 9, 3], "index": 4}, {"src_ids": [7, 7, 7, 3], "tgt_ids": [2, 3], "index": 0}]
+        [
+            {"src_ids": [7, 3], "tgt_ids": [2, 8, 9, 3], "index": 4},
+            {"src_ids": [7, 7, 7, 3], "tgt_ids": [2, 3], "index": 0},
+        ]
     )
     assert batch["src"].tolist() == [[7, 3, PAD_ID, PAD_ID], [7, 7, 7, 3]]
     assert batch["tgt"].tolist() == [[2, 8, 9, 3], [2, 3, PAD_ID, PAD_ID]]

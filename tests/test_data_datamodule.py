@@ -43,7 +43,12 @@ def corpus(tmp_path: Path) -> dict[str, str]:
 
 def make_dm(corpus: dict[str, str], cache: Path, **overrides: object) -> TranslationDataModule:
     settings: dict = dict(
-        src_lang="en", tgt_lang="de", cache_dir=str(cache), vocab_size=200, spm_model_type="bpe", max_tokens=300
+        src_lang="en",
+        tgt_lang="de",
+        cache_dir=str(cache),
+        vocab_size=200,
+        spm_model_type="bpe",
+        max_tokens=300,
     )
     settings.update(corpus)
     settings.update(overrides)
@@ -67,7 +72,9 @@ def test_eval_batches_match_the_format_and_references(corpus: dict[str, str], tm
         assert src.dtype == tgt.dtype == lengths.dtype == batch["index"].dtype
         for i, index in enumerate(batch["index"].tolist()):
             n = int(lengths[i])
-            assert src[i, n - 1] == EOS_ID and (src[i, n:] == PAD_ID).all() and (src[i, : n - 1] > EOS_ID).all()
+            assert (
+                src[i, n - 1] == EOS_ID and (src[i, n:] == PAD_ID).all() and (src[i, : n - 1] > EOS_ID).all()
+            )
             row = tgt[i].tolist()
             assert row[0] == BOS_ID and row[len(_strip(row)) + 1] == EOS_ID
             assert dm.tokenizer.decode([_strip(row)]) == [refs[index]]
@@ -87,7 +94,9 @@ def test_train_epoch_covers_every_pair_once_within_budget(corpus: dict[str, str]
     assert dm.prepared is not None and dm.prepared.summary["splits"]["train"]["pairs"] == 600
 
 
-def test_second_run_is_a_cache_hit(corpus: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_run_is_a_cache_hit(
+    corpus: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = make_dm(corpus, tmp_path / "cache")
     assert first.prepared is not None and not first.prepared.from_cache
 
@@ -104,11 +113,19 @@ def test_second_run_is_a_cache_hit(corpus: dict[str, str], tmp_path: Path, monke
 
 def test_cache_key_follows_settings_and_files(corpus: dict[str, str], tmp_path: Path) -> None:
     base = make_dm(corpus, tmp_path / "cache").config.cache_key()
-    for change in ({"vocab_size": 150}, {"dedup": True}, {"max_length_ratio": 2.0}, {"spm_model_type": "unigram"}):
+    for change in (
+        {"vocab_size": 150},
+        {"dedup": True},
+        {"max_length_ratio": 2.0},
+        {"spm_model_type": "unigram"},
+    ):
         assert TranslationDataModule("en", "de", **corpus, **change).config.cache_key() != base, change
     source = Path(corpus["train"] + ".en")
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
-    assert TranslationDataModule("en", "de", **corpus, vocab_size=200, spm_model_type="bpe").config.cache_key() != base
+    assert (
+        TranslationDataModule("en", "de", **corpus, vocab_size=200, spm_model_type="bpe").config.cache_key()
+        != base
+    )
 
 
 def test_target_language_token_prefixes_every_source(corpus: dict[str, str], tmp_path: Path) -> None:

@@ -85,7 +85,9 @@ def test_hub_unreachable_fails_before_loading(monkeypatch: pytest.MonkeyPatch) -
 def test_hub_rows_become_src_tgt(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    rows = datasets.Dataset.from_dict({"translation": [{"de": "Hallo", "en": "Hello"}, {"de": "Welt", "en": "World"}]})
+    rows = datasets.Dataset.from_dict(
+        {"translation": [{"de": "Hallo", "en": "Hello"}, {"de": "Welt", "en": "World"}]}
+    )
     seen = {}
 
     def fake_load(name: str, config: str, split: str, cache_dir: object = None) -> datasets.Dataset:

@@ -32,7 +32,12 @@ def test_round_trip_on_real_text(m30k_lines: tuple[list[str], list[str]], model_
     en, de = m30k_lines
     tok = train_tokenizer(en + de, 2000, model_type=model_type)
     assert tok.vocab_size == 2000
-    assert (tok.sp.pad_id(), tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id()) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+    assert (tok.sp.pad_id(), tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id()) == (
+        PAD_ID,
+        UNK_ID,
+        BOS_ID,
+        EOS_ID,
+    )
     ids = tok.encode(en + de)
     assert all(0 < len(x) for x in ids)
     assert not any({PAD_ID, BOS_ID, EOS_ID} & set(x) for x in ids)  # specials are the batcher's job
@@ -59,7 +64,9 @@ def test_save_and_load(tmp_path: Path) -> None:
 
 
 def test_byte_fallback_keeps_unseen_characters() -> None:
-    tok = train_tokenizer([f"plain ascii line {i}" for i in range(200)], 300, model_type="bpe", byte_fallback=True)
+    tok = train_tokenizer(
+        [f"plain ascii line {i}" for i in range(200)], 300, model_type="bpe", byte_fallback=True
+    )
     assert UNK_ID not in tok.encode(["Grüße ☃"])[0]
     assert tok.decode(tok.encode(["Grüße ☃"])) == ["Grüße ☃"]
 

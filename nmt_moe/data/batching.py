@@ -121,6 +121,9 @@ class TokenBatchSampler(Sampler[list[int]]):
         self._resume_at = 0  # batches of this epoch already consumed before a restore
         self._yielded = 0
         self._plan: tuple[int, list[np.ndarray]] | None = None
+        # Lightning calls `set_epoch` on `loader.sampler` and `loader.batch_sampler.sampler`, never on the
+        # batch sampler itself: expose ourselves there so each epoch reshuffles.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch start; a new epoch reshuffles and drops any resume point."""
