@@ -279,3 +279,75 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
 def test_hypothesis_is_plain_data() -> None:
     hyp = Hypothesis(tokens=[5, 6], score=-1.0, log_prob=-2.0)
     assert hyp.experts is None and hyp.tokens == [5, 6]
+
+
+# --- the real Seq2Seq ------------------------------------------------------------------------------------
+
+
+def copy_task_batch(gen: torch.Generator, batch: int, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+    """src = random words + EOS (right-padded), tgt = BOS + the same words + EOS."""
+    lengths = torch.randint(2, 8, (batch,), generator=gen)
+    src = torch.full((batch, int(lengths.max()) + 1), PAD_ID)
+    tgt = torch.full((batch, int(lengths.max()) + 2), PAD_ID)
+    for i, n in enumerate(lengths.tolist()):
+        words = torch.randint(4, vocab, (n,), generator=gen)
+        src[i, :n], src[i, n] = words, EOS_ID
+        tgt[i, 0], tgt[i, 1 : n + 1], tgt[i, n + 1] = BOS_ID, words, EOS_ID
+    return src, lengths + 1, tgt
+
+
+@pytest.fixture(scope="module")
+def trained_seq2seq() -> torch.nn.Module:
+    """A tiny MoE Seq2Seq trained briefly on copying: confident but not perfect, so beams matter."""
+    from nmt_moe.models import Seq2Seq
+
+    torch.manual_seed(0)
+    vocab = 16
+    model = Seq2Seq(
+        vocab_size=vocab, embed_dim=24, hidden_size=32, encoder_layers=2, decoder_layers=2, dropout=0.0,
+        ffn="moe", num_experts=4, k=2, d_hidden=32,
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        src, lengths, tgt = copy_task_batch(gen, 32, vocab)
+        out = model(src, lengths, tgt[:, :-1])
+        loss = nn.functional.cross_entropy(out.logits.transpose(1, 2), tgt[:, 1:], ignore_index=PAD_ID)
+        optimizer.zero_grad()
+        (loss + out.aux_loss).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_real_model_beam_one_equals_greedy_decode(trained_seq2seq: torch.nn.Module) -> None:
+    from nmt_moe.decoding.greedy import greedy_decode
+
+    src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(1), 24, 16)
+    tokens, scores = greedy_decode(trained_seq2seq, src, lengths, max_len_a=1.0, max_len_b=2)
+    hyps = beam_search(trained_seq2seq, src, lengths, beam_size=1, max_len_a=1.0, max_len_b=2)
+    assert [h[0].tokens for h in hyps] == tokens
+    torch.testing.assert_close(torch.tensor([h[0].log_prob for h in hyps]), scores, rtol=0, atol=1e-4)
+
+
+def test_real_model_beam_never_scores_below_greedy(trained_seq2seq: torch.nn.Module) -> None:
+    from nmt_moe.decoding.greedy import greedy_decode
+
+    src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(2), 48, 16)
+    _, greedy_scores = greedy_decode(trained_seq2seq, src, lengths)
+    hyps = beam_search(trained_seq2seq, src, lengths, beam_size=5)
+    beam_scores = torch.tensor([h[0].log_prob for h in hyps])
+    assert (beam_scores >= greedy_scores - 1e-4).all()
+    assert (beam_scores > greedy_scores + 1e-3).any(), "beam never improved on greedy: test too easy"
+
+
+def test_real_model_batched_equals_one_at_a_time(trained_seq2seq: torch.nn.Module) -> None:
+    src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(3), 8, 16)
+    options = dict(beam_size=4, nbest=2, alpha=0.6, beta=0.2, return_experts=True)
+    batched = beam_search(trained_seq2seq, src, lengths, **options)
+    for i in range(len(lengths)):
+        n = int(lengths[i])
+        alone = beam_search(trained_seq2seq, src[i : i + 1, :n], lengths[i : i + 1], **options)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        assert [h.experts for h in alone] == [h.experts for h in batched[i]]
+        for a, b in zip(alone, batched[i], strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-4)
