@@ -186,3 +186,12 @@ def test_multi30k_padding_under_ten_percent(multi30k: Path, tmp_path: Path) -> N
     assert 0.0 < fraction < 0.10
     refs = dm.references("valid")
     assert refs[0] == (multi30k / "val.de").read_text(encoding="utf-8").splitlines()[0].strip()
+
+
+def test_parallel_preparation_matches_serial(corpus: dict[str, str], tmp_path: Path) -> None:
+    serial = make_dm(corpus, tmp_path / "serial")
+    parallel = make_dm(corpus, tmp_path / "parallel", num_proc=2)
+    assert parallel.tokenizer.to_bytes() == serial.tokenizer.to_bytes()
+    for split in ("train", "valid", "test"):
+        assert parallel.splits[split]["src_ids"][:] == serial.splits[split]["src_ids"][:]
+        assert parallel.splits[split]["tgt_ids"][:] == serial.splits[split]["tgt_ids"][:]
