@@ -84,6 +84,9 @@ def test_split_for_ranks_splits_largest_until_divisible() -> None:
 def test_pair_over_budget_is_an_error_not_truncated() -> None:
     with pytest.raises(ValueError, match="pair 1 has 50 tokens, more than max_tokens=40"):
         bucket_batches(np.array([5, 50]), np.array([5, 6]), 40)
+    # evaluation keeps it, alone in its batch; the others still respect the budget
+    batches = bucket_batches(np.array([5, 50, 6, 7]), np.array([5, 6, 6, 6]), 21, allow_oversize=True)
+    assert sorted(b.tolist() for b in batches) == [[0, 2, 3], [1]]
 
 
 def test_sampler_resume_gives_same_remaining_batches() -> None:

@@ -2,7 +2,8 @@
 
 Budget rule: a batch of B pairs costs B * max(longest source, longest target) tokens, lengths as in the
 batch tensors (source + EOS, BOS + target + EOS), i.e. the padded size of the larger of the two tensors.
-No batch exceeds `max_tokens`; a single pair longer than the budget is an error, never truncated.
+No batch exceeds `max_tokens`; a single pair longer than the budget is an error (training) or gets a
+batch of its own (evaluation, `allow_oversize=True`), never truncated.
 
 Every rank gets the same number of batches without dropping or repeating pairs: when the batch count does
 not divide by the world size, the largest batches are split in two until it does.
@@ -21,13 +22,18 @@ from nmt_moe.data.tokenizer import PAD_ID
 
 
 def bucket_batches(
-    src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, rng: np.random.Generator | None = None
+    src_lengths: np.ndarray,
+    tgt_lengths: np.ndarray,
+    max_tokens: int,
+    rng: np.random.Generator | None = None,
+    allow_oversize: bool = False,
 ) -> list[np.ndarray]:
     """Pack pair indices into batches of similar length under the token budget.
 
     Pairs are sorted by (source length, target length), ties broken at random when `rng` is given, so
     both tensors of a batch need little padding and batch contents vary between epochs. Batch order is
-    shuffled with `rng` (kept in length order without it).
+    shuffled with `rng` (kept in length order without it). A pair longer than `max_tokens` raises,
+    or with `allow_oversize` forms a batch alone.
     """
     src_lengths = np.asarray(src_lengths, dtype=np.int64)
     tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64)
@@ -36,7 +42,7 @@ def bucket_batches(
             f"src_lengths {src_lengths.shape} and tgt_lengths {tgt_lengths.shape} differ in shape"
         )
     longest = np.maximum(src_lengths, tgt_lengths)
-    if len(longest) and longest.max() > max_tokens:
+    if len(longest) and longest.max() > max_tokens and not allow_oversize:
         bad = int(longest.argmax())
         raise ValueError(
             f"pair {bad} has {int(longest[bad])} tokens, more than max_tokens={max_tokens}; raise max_tokens "
@@ -49,7 +55,7 @@ def bucket_batches(
     start, widest = 0, 0
     for position, index in enumerate(order.tolist()):
         wider = max(widest, int(longest[index]))
-        if (position - start + 1) * wider > max_tokens:
+        if (position - start + 1) * wider > max_tokens and position > start:
             batches.append(order[start:position])
             start, wider = position, int(longest[index])
         widest = wider
@@ -105,6 +111,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        allow_oversize: bool = False,
     ) -> None:
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -117,6 +124,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.allow_oversize = allow_oversize
         self.epoch = 0
         self._resume_at = 0  # batches of this epoch already consumed before a restore
         self._yielded = 0
@@ -135,7 +143,9 @@ class TokenBatchSampler(Sampler[list[int]]):
         """This rank's batches for the current epoch, in order (computed once per epoch)."""
         if self._plan is None or self._plan[0] != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch]) if self.shuffle else None
-            everyone = bucket_batches(self.src_lengths, self.tgt_lengths, self.max_tokens, rng)
+            everyone = bucket_batches(
+                self.src_lengths, self.tgt_lengths, self.max_tokens, rng, self.allow_oversize
+            )
             everyone = split_for_ranks(everyone, self.world_size)
             self._plan = (self.epoch, everyone[self.rank :: self.world_size])
         return self._plan[1]

@@ -187,22 +187,28 @@ class TranslationDataModule(pl.LightningDataModule):
         """Cleaned source sentences of "valid"/"test" in dataset order."""
         return self._text(split, "src")
 
-    def batch_sampler(self, split: str, *, shuffle: bool, max_tokens: int | None = None) -> TokenBatchSampler:
-        """The sampler a loader uses for `split`, on this process's rank of the current world."""
-        rank, world = self._rank_and_world()
+    def batch_sampler(
+        self, split: str, *, shuffle: bool, max_tokens: int | None = None, all_ranks: bool = False
+    ) -> TokenBatchSampler:
+        """The sampler a loader uses for `split`: this rank's share, or the whole epoch with `all_ranks`."""
+        rank, world = (0, 1) if all_ranks else self._rank_and_world()
         src_len, tgt_len = _lengths(self._split(split))
         budget = max_tokens or (self.max_tokens if split == "train" else self.eval_max_tokens)
-        if split != "train":  # evaluation keeps every pair: a pair over the budget gets a batch of its own
-            budget = max(budget, int(np.maximum(src_len, tgt_len).max(initial=1)))
         return TokenBatchSampler(
-            src_len, tgt_len, budget, shuffle=shuffle, seed=self.seed, rank=rank, world_size=world
+            src_len,
+            tgt_len,
+            budget,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            allow_oversize=split != "train",  # evaluation keeps every pair; an over-long one goes alone
         )
 
     def padding_fraction(self, split: str = "train") -> float:
         """Share of PAD in the src+tgt tensors of one epoch of `split`'s batches (all ranks)."""
         src_len, tgt_len = _lengths(self._split(split))
-        sampler = self.batch_sampler(split, shuffle=split == "train")
-        sampler.rank, sampler.world_size = 0, 1
+        sampler = self.batch_sampler(split, shuffle=split == "train", all_ranks=True)
         return padding_fraction(sampler.batches(), src_len, tgt_len)
 
     # -- internals -------------------------------------------------------------------------------------
