@@ -195,3 +195,29 @@ def test_parallel_preparation_matches_serial(corpus: dict[str, str], tmp_path: P
     for split in ("train", "valid", "test"):
         assert parallel.splits[split]["src_ids"][:] == serial.splits[split]["src_ids"][:]
         assert parallel.splits[split]["tgt_ids"][:] == serial.splits[split]["tgt_ids"][:]
+
+
+def test_hub_source_feeds_the_same_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from nmt_moe.data import sources
+
+    rng = random.Random(0)
+    words = ["haus", "baum", "katze", "hund", "rot", "blau", "gross", "klein", "und", "der"]
+
+    def rows(n: int) -> datasets.Dataset:
+        pairs = []
+        for _ in range(n):
+            de = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+            pairs.append({"de": de, "en": de.upper()})
+        return datasets.Dataset.from_dict({"translation": pairs})
+
+    splits = {"train": rows(300), "validation": rows(20), "test": rows(10)}
+    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(
+        sources.datasets, "load_dataset", lambda name, config, split, cache_dir=None: splits[split]
+    )
+    dm = make_dm({"hub_dataset": "wmt/wmt16", "hub_config": "de-en"}, tmp_path / "cache", vocab_size=60)
+    assert {split: len(ds) for split, ds in dm.splits.items()} == {"train": 300, "valid": 20, "test": 10}
+    assert dm.sources("valid") == [t["en"] for t in splits["validation"]["translation"]]
+    assert dm.references("test") == [t["de"] for t in splits["test"]["translation"]]
