@@ -34,8 +34,8 @@ def _activate(pre: Tensor, activation: str) -> Tensor:
 
 def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
     """d loss / d pre, given d loss / d activation."""
-    if activation == "relu":
-        return grad * (pre > 0)
+    if activation == "relu":  # `pre` may be relu's output: the same sign pattern
+        return torch.ops.aten.threshold_backward(grad, pre, 0)
     gate, up = pre.chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     silu = gate * sig
@@ -68,18 +68,24 @@ class _SortedExpertFFN(torch.autograd.Function):
         out = x.new_empty(x.shape[0], w_out.shape[-1])  # [A, d]
         for e, rows in parts:
             torch.addmm(b_out[e], hidden[rows], w_out[e], out=out[rows])
-        ctx.save_for_backward(x, pre, w_in, w_out, dropout_mask)
+        # relu needs only its output (pre > 0 iff hidden > 0 when undropped); swiglu recomputes from pre
+        saved = hidden if activation == "relu" and dropout_mask is None else pre
+        ctx.save_for_backward(x, saved, w_in, w_out, dropout_mask)
         ctx.parts, ctx.activation = parts, activation
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, pre, w_in, w_out, dropout_mask = ctx.saved_tensors
+        x, saved, w_in, w_out, dropout_mask = ctx.saved_tensors
         parts, activation = ctx.parts, ctx.activation
         grad_out = grad_out.contiguous()
-        hidden = _activate(pre, activation)  # recomputed: cheaper than keeping it
-        if dropout_mask is not None:
-            hidden = hidden * dropout_mask
+        if activation == "relu" and dropout_mask is None:
+            pre = hidden = saved
+        else:
+            pre = saved
+            hidden = _activate(pre, activation)  # recomputed: cheaper than keeping both
+            if dropout_mask is not None:
+                hidden = hidden * dropout_mask
         grad_w_in, grad_b_in = _zero_unused(w_in, parts), _zero_unused_bias(w_in, parts)
         grad_w_out, grad_b_out = _zero_unused(w_out, parts), _zero_unused_bias(w_out, parts)
         grad_hidden = hidden.new_empty(hidden.shape)  # [A, h]
