@@ -121,7 +121,8 @@ def run_case(args: argparse.Namespace, mode: str, num_experts: int, k: int, toke
         from mixture_of_experts import MoE
 
         reference = MoE(dim=d_model, num_experts=num_experts, hidden_dim=d_hidden)
-        shaped_x, shaped_grad = x.view(-1, 512, d_model), grad.view(-1, 512, d_model)  # sequences of 512
+        # [batch, 1024, d] as in the package's README example (4 x 1024 tokens); each sequence is a group
+        shaped_x, shaped_grad = x.view(-1, 1024, d_model), grad.view(-1, 1024, d_model)
         impls["pypi"] = make_step(reference, shaped_x, shaped_grad, mode, lambda out: out)
     times = time_interleaved(impls, args.repeats)
     row = {"mode": mode, "num_experts": num_experts, "k": k, "tokens": tokens}
@@ -164,7 +165,7 @@ def make_step(module, x, grad, mode: str, unpack) -> Callable[[], None]:
 
 
 def time_interleaved(impls: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per step, one step of each implementation per round (rotating order), after a warm-up."""
+    """Median seconds per step: one step of each implementation per round, rotating order, after a warm-up."""
     for step in impls.values():
         step()
     samples: dict[str, list[float]] = {name: [] for name in impls}

@@ -84,3 +84,13 @@ def test_expert_dropout_only_in_training() -> None:
     experts.eval()
     torch.testing.assert_close(experts(x, [3, 3]), experts.eval()(x, [3, 3]))
     torch.testing.assert_close(experts(x, [3, 3])[:3], experts.expert_forward(x[:3], 0))
+
+
+def test_experts_run_in_the_autocast_dtype() -> None:
+    experts = Experts(num_experts=2, d_model=4, d_hidden=8)
+    x = torch.randn(5, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = experts(x, [2, 3])
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert experts.w_in.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

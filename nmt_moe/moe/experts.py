@@ -149,6 +149,9 @@ class Experts(nn.Module):
         """x_sorted [A, d] sorted by expert, counts [E] slice lengths -> [A, d]."""
         if len(counts) != self.num_experts or sum(counts) != x_sorted.shape[0]:
             raise ValueError(f"counts must have {self.num_experts} entries summing to {x_sorted.shape[0]}")
+        device_type = x_sorted.device.type
+        if torch.is_autocast_enabled(device_type):  # the custom function is opaque to autocast: cast here
+            x_sorted = x_sorted.to(torch.get_autocast_dtype(device_type))
         dtype = x_sorted.dtype
         params = [
             p if p.dtype == dtype else p.to(dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out)
@@ -159,7 +162,8 @@ class Experts(nn.Module):
             keep = 1.0 - self.dropout
             mask = torch.empty(x_sorted.shape[0], hidden, dtype=dtype, device=x_sorted.device)
             mask = mask.bernoulli_(keep).div_(keep)
-        return _SortedExpertFFN.apply(x_sorted.contiguous(), *params, counts, self.activation, mask)
+        with torch.autocast(device_type, enabled=False):
+            return _SortedExpertFFN.apply(x_sorted.contiguous(), *params, counts, self.activation, mask)
 
     def expert_forward(self, x: Tensor, expert: int) -> Tensor:
         """One expert on x [..., d] with plain autograd ops (no dropout): the slow reference for tests."""

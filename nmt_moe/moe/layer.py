@@ -137,6 +137,7 @@ class MoELayer(nn.Module):
         routed, dropped = self._run_experts(tokens, routing)  # [N, d]
         if self.shared is not None:
             routed = routed + self.shared(tokens)
+        routed = routed.to(x.dtype)  # under autocast the experts ran in the autocast dtype
         y = routed if rows is None else flat.new_zeros(flat.shape).index_copy(0, rows, routed)
 
         if self.training:
