@@ -29,10 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from nmt_moe.models import Seq2Seq, parameter_counts
 from nmt_moe.moe import MoELayer
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 Batch = dict[str, torch.Tensor]
 

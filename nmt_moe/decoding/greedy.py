@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nmt_moe.data.tokenizer import BOS_ID, EOS_ID
 from nmt_moe.models import Seq2Seq
-
-# Fixed by the tokenizer contract (nmt_moe.data.tokenizer).
-PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 
 
 @torch.no_grad()

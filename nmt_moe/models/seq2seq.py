@@ -14,14 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nmt_moe.data.tokenizer import PAD_ID
 from nmt_moe.models.attention import ATTENTION_TYPES
 from nmt_moe.models.decoder import Decoder, DecoderState, StepOutput
 from nmt_moe.models.encoder import Encoder, EncoderOutput
 from nmt_moe.models.ffn import FFN_TYPES, build_ffn
 from nmt_moe.moe import MoELayer, MoEOutput
-
-# Fixed by the tokenizer contract (nmt_moe.data.tokenizer): the model needs PAD for masking and embeddings.
-PAD_ID = 0
 
 
 @dataclass
