@@ -276,6 +276,15 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
         beam_search(ToyModel(), src, lengths, **options)
 
 
+def test_search_runs_in_eval_mode_and_restores_the_mode() -> None:
+    model = ToyModel().train()
+    modes: list[bool] = []
+    step = model.decode_step
+    model.decode_step = lambda *args: modes.append(model.training) or step(*args)  # type: ignore[method-assign]
+    beam_search(model, *toy_batch([3, 5]), beam_size=2)
+    assert modes and not any(modes) and model.training
+
+
 def test_hypothesis_is_plain_data() -> None:
     hyp = Hypothesis(tokens=[5, 6], score=-1.0, log_prob=-2.0)
     assert hyp.experts is None and hyp.tokens == [5, 6]

@@ -22,6 +22,8 @@ With beam_size 1 and alpha = beta = 0 this is greedy search (same tokens, same s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,17 @@ def max_target_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: float) 
     """Per-sentence target length limit int(a * src_len + b) (at least 1), as greedy_decode computes it."""
     limits = [max(1, int(max_len_a * n + max_len_b)) for n in src_lengths.tolist()]
     return torch.tensor(limits, dtype=torch.long, device=src_lengths.device)
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Eval mode for the search (no dropout, no gate noise), the caller's mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _check_options(beam_size: int, nbest: int, alpha: float, beta: float, min_len: int) -> None:
@@ -81,132 +94,140 @@ def beam_search(
     model: anything with the Seq2Seq decoding interface (encode / init_state / decode_step);
     src: Long [B, S] source ids + EOS, right-padded; src_lengths: Long [B].
     min_len: EOS is blocked until this many tokens have been generated.
+    The model runs in eval mode (MoE gates route without noise, as at the end of training).
     return_experts: also record, per target token, the experts each decoder MoE layer routed it to.
     """
     _check_options(beam_size, nbest, alpha, beta, min_len)
-    batch, k = src.size(0), beam_size
-    device = src.device
-    max_len = max_target_lengths(src_lengths, max_len_a, max_len_b)  # [B]
-    best_possible_lp = length_penalty(max_len, alpha)  # [B] largest length penalty a hypothesis can get
+    with eval_mode(model):
+        batch, k = src.size(0), beam_size
+        device = src.device
+        max_len = max_target_lengths(src_lengths, max_len_a, max_len_b)  # [B]
+        best_possible_lp = length_penalty(max_len, alpha)  # [B] largest length penalty a hypothesis can get
 
-    active = torch.arange(batch, device=device)  # [A] original index of each sentence still searching
-    beam_offsets = torch.arange(k, device=device)  # [K]
-    enc = model.encode(src, src_lengths).index_select(active.repeat_interleave(k))  # rows [A*K]
-    state = model.init_state(enc)
-    scores = torch.full((batch, k), float("-inf"), device=device)  # [A, K] log-prob of each live beam
-    scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
-    tokens = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # [A*K, t]
-    coverage = torch.zeros(enc.mask.shape, device=device) if beta > 0 else None  # [A*K, S]
-    experts: Tensor | None = None  # [A*K, t, layers, k_moe] when return_experts
-    prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)  # [A*K]
+        active = torch.arange(batch, device=device)  # [A] original index of each sentence still searching
+        beam_offsets = torch.arange(k, device=device)  # [K]
+        enc = model.encode(src, src_lengths).index_select(active.repeat_interleave(k))  # rows [A*K]
+        state = model.init_state(enc)
+        scores = torch.full((batch, k), float("-inf"), device=device)  # [A, K] log-prob of each live beam
+        scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
+        tokens = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # [A*K, t]
+        coverage = torch.zeros(enc.mask.shape, device=device) if beta > 0 else None  # [A*K, S]
+        experts: Tensor | None = None  # [A*K, t, layers, k_moe] when return_experts
+        prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)  # [A*K]
 
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    kth_best = torch.full((batch,), float("-inf"), device=device)  # [B] score of the nbest-th finished
+        finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+        kth_best = torch.full((batch,), float("-inf"), device=device)  # [B] score of the nbest-th finished
 
-    def finalize(
-        rows: Tensor,
-        hyp_tokens: Tensor,
-        log_prob: Tensor,
-        length: int,
-        cov: Tensor | None,
-        hyp_experts: Tensor | None,
-    ) -> None:
-        """Move hypotheses (rows of the current [A*K] batch) to `finished` and refresh kth_best."""
-        sentence = active[torch.div(rows, k, rounding_mode="floor")]
-        score = log_prob / length_penalty(torch.tensor(float(length)), alpha)
-        if cov is not None:
-            score = score + coverage_penalty(cov, enc.mask[rows], beta)
-        expert_lists = hyp_experts.tolist() if hyp_experts is not None else [None] * rows.numel()
-        for s, toks, lp, sc, ex in zip(
-            sentence.tolist(),
-            hyp_tokens.tolist(),
-            log_prob.tolist(),
-            score.tolist(),
-            expert_lists,
-            strict=True,
-        ):
-            finished[s].append(Hypothesis(tokens=toks, score=sc, log_prob=lp, experts=ex))
-        for s in set(sentence.tolist()):
-            if len(finished[s]) >= nbest:
-                finished[s].sort(key=lambda h: h.score, reverse=True)
-                kth_best[s] = finished[s][nbest - 1].score
+        def finalize(
+            rows: Tensor,
+            hyp_tokens: Tensor,
+            log_prob: Tensor,
+            length: int,
+            cov: Tensor | None,
+            hyp_experts: Tensor | None,
+        ) -> None:
+            """Move hypotheses (rows of the current [A*K] batch) to `finished` and refresh kth_best."""
+            sentence = active[torch.div(rows, k, rounding_mode="floor")]
+            score = log_prob / length_penalty(torch.tensor(float(length)), alpha)
+            if cov is not None:
+                score = score + coverage_penalty(cov, enc.mask[rows], beta)
+            expert_lists = hyp_experts.tolist() if hyp_experts is not None else [None] * rows.numel()
+            for s, toks, lp, sc, ex in zip(
+                sentence.tolist(),
+                hyp_tokens.tolist(),
+                log_prob.tolist(),
+                score.tolist(),
+                expert_lists,
+                strict=True,
+            ):
+                finished[s].append(Hypothesis(tokens=toks, score=sc, log_prob=lp, experts=ex))
+            for s in set(sentence.tolist()):
+                if len(finished[s]) >= nbest:
+                    finished[s].sort(key=lambda h: h.score, reverse=True)
+                    kth_best[s] = finished[s][nbest - 1].score
 
-    for t in range(int(max_len.max())):
-        n_active = active.numel()
-        step = model.decode_step(prev, state, enc)
-        log_probs = step.log_probs.float()  # [A*K, V]
-        if t < min_len:
-            log_probs = log_probs.index_fill(1, torch.tensor([EOS_ID], device=device), float("-inf"))
-        vocab = log_probs.size(1)
-        step_coverage = coverage + step.attention.float() if coverage is not None else None  # [A*K, S]
-        step_experts = None
-        if return_experts:
-            layers = step.expert_index  # list of [A*K, k_moe]
-            step_experts = (
-                torch.stack(layers, dim=1) if layers else torch.empty(n_active * k, 0, 0, dtype=torch.long)
-            )  # [A*K, layers, k_moe]
-            if experts is None:
-                experts = step_experts.new_empty(n_active * k, 0, *step_experts.shape[1:])
+        for t in range(int(max_len.max())):
+            n_active = active.numel()
+            step = model.decode_step(prev, state, enc)
+            log_probs = step.log_probs.float()  # [A*K, V]
+            if t < min_len:
+                log_probs = log_probs.index_fill(1, torch.tensor([EOS_ID], device=device), float("-inf"))
+            vocab = log_probs.size(1)
+            step_coverage = coverage + step.attention.float() if coverage is not None else None  # [A*K, S]
+            step_experts = None
+            if return_experts:
+                layers = step.expert_index  # list of [A*K, k_moe]
+                step_experts = (
+                    torch.stack(layers, dim=1)
+                    if layers
+                    else torch.empty(n_active * k, 0, 0, dtype=torch.long)
+                )  # [A*K, layers, k_moe]
+                if experts is None:
+                    experts = step_experts.new_empty(n_active * k, 0, *step_experts.shape[1:])
 
-        # 1. the 2K best continuations of each sentence
-        candidates = (scores.unsqueeze(2) + log_probs.view(n_active, k, vocab)).view(n_active, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # [A, 2K], best first
-        top_tokens = top_index % vocab  # [A, 2K]
-        top_rows = (
-            torch.div(top_index, vocab, rounding_mode="floor")
-            + torch.arange(n_active, device=device).unsqueeze(1) * k
-        )  # [A, 2K] row of the parent beam in the [A*K] batch
-        is_eos = top_tokens == EOS_ID
+            # 1. the 2K best continuations of each sentence
+            candidates = (scores.unsqueeze(2) + log_probs.view(n_active, k, vocab)).view(n_active, k * vocab)
+            top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # [A, 2K], best first
+            top_tokens = top_index % vocab  # [A, 2K]
+            top_rows = (
+                torch.div(top_index, vocab, rounding_mode="floor")
+                + torch.arange(n_active, device=device).unsqueeze(1) * k
+            )  # [A, 2K] row of the parent beam in the [A*K] batch
+            is_eos = top_tokens == EOS_ID
 
-        # 2. EOS among the K best ends a hypothesis
-        ended = is_eos[:, :k] & (top_scores[:, :k] > float("-inf"))  # [A, K]
-        if ended.any():
-            rows = top_rows[:, :k][ended]
-            finalize(
-                rows,
-                tokens[rows],
-                top_scores[:, :k][ended],
-                t + 1,
-                step_coverage[rows] if step_coverage is not None else None,
-                experts[rows] if experts is not None else None,
-            )
+            # 2. EOS among the K best ends a hypothesis
+            ended = is_eos[:, :k] & (top_scores[:, :k] > float("-inf"))  # [A, K]
+            if ended.any():
+                rows = top_rows[:, :k][ended]
+                finalize(
+                    rows,
+                    tokens[rows],
+                    top_scores[:, :k][ended],
+                    t + 1,
+                    step_coverage[rows] if step_coverage is not None else None,
+                    experts[rows] if experts is not None else None,
+                )
 
-        # 3. the K best non-EOS candidates live on
-        scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # [A, K]
-        rows = top_rows.gather(1, pick).view(-1)  # [A*K] parent row of each new beam
-        new_tokens = top_tokens.gather(1, pick).view(-1)  # [A*K]
-        tokens = torch.cat([tokens[rows], new_tokens.unsqueeze(1)], dim=1)
-        state = step.state.index_select(rows)
-        if step_coverage is not None:
-            coverage = step_coverage[rows]
-        if experts is not None and step_experts is not None:
-            experts = torch.cat([experts[rows], step_experts[rows].unsqueeze(1)], dim=1)
+            # 3. the K best non-EOS candidates live on
+            scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # [A, K]
+            rows = top_rows.gather(1, pick).view(-1)  # [A*K] parent row of each new beam
+            new_tokens = top_tokens.gather(1, pick).view(-1)  # [A*K]
+            tokens = torch.cat([tokens[rows], new_tokens.unsqueeze(1)], dim=1)
+            state = step.state.index_select(rows)
+            if step_coverage is not None:
+                coverage = step_coverage[rows]
+            if experts is not None and step_experts is not None:
+                experts = torch.cat([experts[rows], step_experts[rows].unsqueeze(1)], dim=1)
 
-        # 4. at the maximum length the live beams end without EOS
-        at_max = max_len[active] <= t + 1  # [A]
-        if at_max.any():
-            alive = (at_max.unsqueeze(1) & (scores > float("-inf"))).view(-1)  # [A*K]
-            rows = alive.nonzero().squeeze(1)
-            finalize(
-                rows,
-                tokens[rows],
-                scores.view(-1)[rows],
-                t + 1,
-                coverage[rows] if coverage is not None else None,
-                experts[rows] if experts is not None else None,
-            )
+            # 4. at the maximum length the live beams end without EOS
+            at_max = max_len[active] <= t + 1  # [A]
+            if at_max.any():
+                alive = (at_max.unsqueeze(1) & (scores > float("-inf"))).view(-1)  # [A*K]
+                rows = alive.nonzero().squeeze(1)
+                finalize(
+                    rows,
+                    tokens[rows],
+                    scores.view(-1)[rows],
+                    t + 1,
+                    coverage[rows] if coverage is not None else None,
+                    experts[rows] if experts is not None else None,
+                )
 
-        # 5. stop sentences whose nbest finished hypotheses no live beam can beat
-        done = at_max | (kth_best[active] >= scores[:, 0] / best_possible_lp[active])  # [A]
-        if bool(done.all()):
-            break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)  # [A']
-            keep_rows = (keep.unsqueeze(1) * k + beam_offsets).view(-1)  # [A'*K]
-            active, scores = active[keep], scores[keep]
-            tokens, enc, state = tokens[keep_rows], enc.index_select(keep_rows), state.index_select(keep_rows)
-            coverage = coverage[keep_rows] if coverage is not None else None
-            experts = experts[keep_rows] if experts is not None else None
-        prev = tokens[:, -1]
+            # 5. stop sentences whose nbest finished hypotheses no live beam can beat
+            done = at_max | (kth_best[active] >= scores[:, 0] / best_possible_lp[active])  # [A]
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)  # [A']
+                keep_rows = (keep.unsqueeze(1) * k + beam_offsets).view(-1)  # [A'*K]
+                active, scores = active[keep], scores[keep]
+                tokens, enc, state = (
+                    tokens[keep_rows],
+                    enc.index_select(keep_rows),
+                    state.index_select(keep_rows),
+                )
+                coverage = coverage[keep_rows] if coverage is not None else None
+                experts = experts[keep_rows] if experts is not None else None
+            prev = tokens[:, -1]
 
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+        return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
