@@ -1,0 +1,135 @@
+"""`nmt-moe train`: LightningCLI over `TranslationModule` and `TranslationDataModule`.
+
+Subcommands `fit`, `validate`, `test` (and `--print_config`) come from LightningCLI. On top of its defaults:
+- `data.vocab_size` is linked to the Seq2Seq's `vocab_size` (`model.model.init_args.vocab_size`);
+- checkpointing (`--checkpoint.*`: best by `val/bleu` plus `last`, under `<default_root_dir>/checkpoints` so
+  `--ckpt_path last` finds them on a rerun), early stopping (`--early_stopping.*`), expert-load logging
+  (`--expert_load.*`), tokens/s in the progress bar (`--throughput.*`) and W&B sample tables are always on;
+- the logger is W&B, offline unless an API key is configured; `--wandb off` switches to a CSV logger, and any
+  `--trainer.logger` replaces it (`--trainer.logger false` logs nothing);
+- the full parsed config is written beside the logs and sent to the loggers' hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+
+WANDB_MODES = ("auto", "online", "offline", "off")
+
+
+def wandb_api_key_configured() -> bool:
+    """True when W&B could log online: `WANDB_API_KEY` is set or ~/.netrc has an api.wandb.ai entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def default_precision() -> str:
+    """bf16 autocast where the GPU supports it; full fp32 elsewhere (bf16 on this CPU is 4-8x slower)."""
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def checkpoint_dir(default_root_dir: str | None) -> str:
+    return str(Path(default_root_dir or ".") / "checkpoints")
+
+
+def train_main(argv: list[str]) -> int:
+    """Runs LightningCLI on `argv` (e.g. ["fit", "--config", "recipes/x/config.yaml"])."""
+    import pytorch_lightning as pl
+    from jsonargparse import Namespace
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+    from nmt_moe.data.datamodule import TranslationDataModule
+    from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
+    from nmt_moe.training.module import TranslationModule
+
+    class SaveConfigToLoggers(SaveConfigCallback):
+        """Writes config.yaml (overwriting on a rerun into the same directory) and logs it to every logger."""
+
+        def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            import yaml
+
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": config})
+
+    class TrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_argument(
+                "--wandb",
+                choices=WANDB_MODES,
+                default="auto",
+                help="W&B logging: auto (online only when an API key is configured), online, offline, "
+                "or off (CSV logger instead). Ignored when --trainer.logger names another logger.",
+            )
+            parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/bleu",
+                    "checkpoint.mode": "max",
+                    "checkpoint.save_last": True,
+                    "checkpoint.save_top_k": 1,
+                    "checkpoint.filename": "best-step{step}-bleu{val/bleu:.2f}",
+                    "checkpoint.auto_insert_metric_name": False,
+                }
+            )
+            parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+            parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+            parser.set_defaults(
+                {
+                    "early_stopping.monitor": "val/bleu",
+                    "early_stopping.mode": "max",
+                    "early_stopping.patience": 10,
+                }
+            )
+            parser.add_lightning_class_args(ExpertLoadMonitor, "expert_load")
+            parser.add_lightning_class_args(TokensPerSecond, "throughput")
+            parser.add_lightning_class_args(SampleTranslations, "samples")
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            logger = config.trainer.logger
+            if not (isinstance(logger, Namespace) and logger.get("class_path", "").endswith("WandbLogger")):
+                return  # the user chose another logger (or none)
+            root = config.trainer.default_root_dir or "."
+            if config.wandb == "off":
+                config.trainer.logger = Namespace(
+                    class_path="pytorch_lightning.loggers.CSVLogger",
+                    init_args=Namespace(save_dir=root, name="csv"),
+                )
+                return
+            online = config.wandb == "online" or (config.wandb == "auto" and wandb_api_key_configured())
+            logger.init_args.offline = not online
+            if logger.init_args.get("save_dir") in (None, "."):
+                logger.init_args.save_dir = root
+
+    TrainCLI(
+        TranslationModule,
+        TranslationDataModule,
+        args=argv,
+        save_config_callback=SaveConfigToLoggers,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "default_root_dir": "runs",
+            "precision": default_precision(),
+            "gradient_clip_val": 1.0,
+            "use_distributed_sampler": False,  # the data module's batch sampler shards across ranks itself
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.WandbLogger",
+                "init_args": {"project": "nmt-moe"},
+            },
+        },
+        seed_everything_default=1234,
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": "nmt-moe train"},
+    )
+    return 0

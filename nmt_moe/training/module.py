@@ -1,0 +1,242 @@
+"""The LightningModule that trains a `Seq2Seq`: label-smoothed cross entropy plus the MoE auxiliary losses,
+Adam or Adafactor with warm-up schedules, and validation by loss, perplexity and sacreBLEU of greedy output.
+
+The `Seq2Seq` is passed in (dependency injection), so LightningCLI shows every model knob under
+`model.model.init_args.*` and nothing here repeats the model's arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
+from nmt_moe.decoding.greedy import greedy_decode
+from nmt_moe.evaluation import score
+from nmt_moe.models import Seq2Seq
+from nmt_moe.moe import MoELayer
+from nmt_moe.training.schedules import Schedule, lr_multiplier
+
+CHECKPOINT_VERSION = 1
+
+
+class TranslationModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: Seq2Seq,
+        *,
+        label_smoothing: float = 0.1,
+        optimizer: Literal["adam", "adamw", "adafactor"] = "adam",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.98),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 1000,
+        schedule: Schedule = "inverse_sqrt",
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        val_max_sentences: int = 500,
+        val_max_len_a: float = 1.5,
+        val_max_len_b: int = 10,
+        num_val_samples: int = 8,
+    ) -> None:
+        """
+        Args:
+            model: the Seq2Seq to train. In YAML: `model: {class_path: nmt_moe.models.Seq2Seq, init_args:
+                {...}}`; `nmt-moe train` fills `init_args.vocab_size` from `data.vocab_size`.
+            label_smoothing: epsilon of the label-smoothed cross entropy.
+            optimizer: "adam", "adamw" (decoupled weight decay) or "adafactor" (`torch.optim.Adafactor`,
+                factored second moments: the memory-light choice for large expert banks).
+            lr: peak learning rate, reached at the end of warm-up.
+            betas: Adam's betas (unused by Adafactor).
+            warmup_steps: optimizer steps of linear warm-up.
+            schedule: decay after warm-up: "inverse_sqrt", "cosine" (to `min_lr_ratio * lr` at `max_steps`)
+                or "constant".
+            max_steps: end of the cosine schedule; defaults to the trainer's total optimizer steps.
+            val_max_sentences: validation/test sentences (the first ones of the split) to greedy-decode and
+                score with BLEU/chrF; 0 skips decoding (then do not monitor `val/bleu`).
+            val_max_len_a, val_max_len_b: greedy output is at most `a * source_length + b` tokens.
+            num_val_samples: sample translations kept for the W&B table after each validation.
+        """
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if val_max_sentences < 0:
+            raise ValueError(f"val_max_sentences must be >= 0, got {val_max_sentences}")
+        # Hyper-parameters hold primitives only, so checkpoints load with weights_only=True: the model is
+        # stored as the class_path/init_args form LightningCLI parses.
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["model"] = {"class_path": f"{type(model).__module__}.{type(model).__name__}",
+                                 "init_args": model.config}  # fmt: skip
+        self.model = model
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        self.eval_metrics = torch.nn.ModuleDict(
+            {name: MeanMetric() for name in ("loss", "nll", "acc")}
+        )  # token-weighted means over an evaluation epoch, synced across ranks
+        self._decoded: list[tuple[int, str]] = []  # (index in split, hypothesis)
+        self.val_samples: list[dict[str, str]] = []
+
+    # ---- training -------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        """Teacher-forced logits [B, T, V] for `tgt[:, 1:]` and the MoE outputs by layer name."""
+        out = self.model(batch["src"], batch["src_lengths"], batch["tgt"][:, :-1])
+        return out.logits, out.moe
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        logits, moe = self(batch)  # [B, T, V]
+        target = batch["tgt"][:, 1:]  # [B, T]
+        ce = F.cross_entropy(
+            logits.flatten(0, 1),
+            target.flatten(),
+            ignore_index=PAD_ID,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+        aux = sum((out.aux_loss for out in moe.values()), start=ce.new_zeros(()))
+        loss = ce + aux
+        n_tokens = int((target != PAD_ID).sum())
+        log = {"batch_size": n_tokens, "on_step": True, "on_epoch": False}
+        self.log("train/loss", loss, prog_bar=True, **log)
+        self.log("train/ce", ce, **log)
+        self.log("train/acc", token_accuracy(logits, target), **log)
+        if moe:
+            self.log("train/aux_loss", aux, **log)
+        for layer, out in moe.items():
+            self.log(f"train/{layer}/aux_loss", out.aux_loss, **log)
+            for name, value in out.losses.items():
+                self.log(f"train/{layer}/{name}", value, **log)
+        stats = {
+            layer: {
+                "load": out.load.detach(),  # [E]
+                "importance": out.importance.detach(),  # [E]
+                "dropped": torch.as_tensor(out.dropped).detach(),  # assignments over capacity
+            }
+            for layer, out in moe.items()
+        }
+        return {"loss": loss, "moe": stats}  # "moe" feeds the ExpertLoadMonitor callback
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for layer in self.moe_layers:
+            layer.update_bias()  # loss-free balancing: a no-op unless the layer enables it
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adafactor":
+            optimizer = torch.optim.Adafactor(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {hp.optimizer!r}: expected 'adam', 'adamw' or 'adafactor'")
+        max_steps = hp.max_steps
+        if hp.schedule == "cosine" and max_steps is None:
+            max_steps = int(self.trainer.estimated_stepping_batches)
+        multiplier = lr_multiplier(hp.schedule, hp.warmup_steps, max_steps, hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- validation and test ----------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._evaluation_epoch_end("val", "valid")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test", "test")
+
+    def _evaluation_step(self, batch: dict[str, Tensor]) -> None:
+        logits, _ = self(batch)  # [B, T, V]
+        target = batch["tgt"][:, 1:]  # [B, T]
+        n_tokens = (target != PAD_ID).sum()
+        flat_logits, flat_target = logits.flatten(0, 1).float(), target.flatten()
+        loss = F.cross_entropy(
+            flat_logits, flat_target, ignore_index=PAD_ID, label_smoothing=self.hparams.label_smoothing
+        )
+        nll = F.cross_entropy(flat_logits, flat_target, ignore_index=PAD_ID)
+        self.eval_metrics["loss"].update(loss, n_tokens)
+        self.eval_metrics["nll"].update(nll, n_tokens)
+        self.eval_metrics["acc"].update(token_accuracy(logits, target), n_tokens)
+
+        keep = (batch["index"] < self.hparams.val_max_sentences).nonzero().squeeze(1)  # [N]
+        if len(keep) == 0:
+            return
+        src, src_lengths = batch["src"][keep], batch["src_lengths"][keep]
+        hyp_ids, _ = greedy_decode(
+            self.model,
+            src,
+            src_lengths,
+            max_len_a=self.hparams.val_max_len_a,
+            max_len_b=self.hparams.val_max_len_b,
+        )
+        hypotheses = self._tokenizer().decode(hyp_ids)
+        self._decoded += zip(batch["index"][keep].tolist(), hypotheses, strict=True)
+
+    def _evaluation_epoch_end(self, prefix: str, split: str) -> None:
+        nll = self.eval_metrics["nll"].compute()
+        self.log(f"{prefix}/loss", self.eval_metrics["loss"].compute(), prog_bar=True)
+        self.log(f"{prefix}/nll", nll)
+        self.log(f"{prefix}/ppl", nll.exp())
+        self.log(f"{prefix}/acc", self.eval_metrics["acc"].compute())
+        for metric in self.eval_metrics.values():
+            metric.reset()
+
+        decoded, self._decoded = self._decoded, []
+        if self.trainer.world_size > 1:
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, decoded)
+            decoded = [row for part in gathered for row in part]
+        if not decoded:
+            return
+        decoded = sorted(dict(decoded).items())  # by index; DDP may serve a sentence twice
+        datamodule = self.trainer.datamodule
+        references = datamodule.references(split)
+        refs = [references[index] for index, _ in decoded]
+        scores = score([hyp for _, hyp in decoded], refs)
+        self.log(f"{prefix}/bleu", scores.bleu, prog_bar=True)
+        self.log(f"{prefix}/chrf", scores.chrf)
+        sources = datamodule.sources(split)
+        self.val_samples = [
+            {"source": sources[index], "hypothesis": hyp, "reference": references[index]}
+            for index, hyp in decoded[: self.hparams.num_val_samples]
+        ]
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds what a checkpoint needs to translate on its own: model config and SentencePiece model."""
+        checkpoint["nmt_moe"] = {
+            "version": CHECKPOINT_VERSION,
+            "model_config": self.model.config,
+            "tokenizer": self._tokenizer().to_bytes(),
+        }
+
+    def _tokenizer(self) -> Tokenizer:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise RuntimeError(
+                "TranslationModule needs the trainer's datamodule to have a `tokenizer` (to decode "
+                "validation output and store it in checkpoints): train with a TranslationDataModule"
+            )
+        return tokenizer
+
+
+def token_accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """Share of real (non-padding) target tokens predicted right by argmax. logits [B, T, V], target [B, T]."""
+    real = target != PAD_ID  # [B, T]
+    correct = (logits.argmax(-1) == target) & real
+    return correct.sum() / real.sum().clamp_min(1)
