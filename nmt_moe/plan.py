@@ -151,8 +151,9 @@ def _lstm_macs(lstm: nn.LSTM | nn.LSTMCell) -> int:
 
 
 def _moe_macs(layer: MoELayer) -> int:
-    """Multiply-adds per routed token: the router scores plus the experts the token visits."""
-    router = sum(p.numel() for n, p in layer.gate.named_parameters() if "noise" not in n)  # d x E matmuls
+    """Multiply-adds per routed token: the router matmuls (clean and noise projections: the gates compute
+    both, in evaluation too, for the load estimate) plus the experts the token visits."""
+    router = sum(p.numel() for p in layer.gate.parameters())  # d x E matmuls
     w_in, w_out = layer.experts.w_in, layer.experts.w_out  # [E, d, h_in], [E, h, d]
     per_expert = w_in[0].numel() + w_out[0].numel()
     return router + layer.experts_per_token * per_expert
@@ -163,8 +164,8 @@ def flops_per_target_token(model: nn.Module, src_len: float, src_tgt_ratio: floa
 
     Encoder modules run once per source token and count `src_tgt_ratio` times per target token; decoder
     modules once per target token, except the attention key projection (once per source token). Attention
-    scoring and the context sum cost 2 x src_len x hidden per target token. Routers are counted without
-    their training-only noise projection; embeddings, biases and element-wise ops are ignored.
+    scoring and the context sum cost 2 x src_len x hidden per target token. Embeddings, biases and
+    element-wise ops are ignored.
     """
     macs = {"encoder": 0.0, "decoder": 0.0, "attention": 0.0}
     counted: set[str] = set()  # modules inside an MoELayer or FeedForward are counted by it
@@ -186,14 +187,14 @@ def flops_per_target_token(model: nn.Module, src_len: float, src_tgt_ratio: floa
             counted.add(name)
             macs[side] += weight * sum(m.in_features * m.out_features for m in module.modules()
                                        if isinstance(m, nn.Linear))  # fmt: skip
+        elif isinstance(module, nn.Linear) and name.endswith("attention.v"):
+            continue  # the additive score vector runs per source position: counted with the scoring below
         elif isinstance(module, nn.Linear):
             part = "attention" if "attention" in name else side
             macs[part] += weight * module.in_features * module.out_features
         elif isinstance(module, Attention):
             hidden = model.decoder.hidden_size
-            # per source position: score and context (additive: plus the tanh of the summed projections)
-            scoring = 3 if module.kind == "additive" else 2
-            macs["attention"] += scoring * src_len * hidden
+            macs["attention"] += 2 * src_len * hidden  # per source position: score (q.k or v.tanh) + context
     flops = {side: 2.0 * value for side, value in macs.items()}
     flops["forward"] = sum(flops.values())
     flops["training"] = 3.0 * flops["forward"]  # backward ~ 2x forward
