@@ -66,8 +66,8 @@ class ExpertLoadMonitor(pl.Callback):
     dropped; plus a heat-map of the load share of each expert over training, drawn at each validation.
 
     Reads the per-layer statistics the `TranslationModule` returns from `training_step` under `"moe"`:
-    `{layer: {"load": [E], "importance": [E], "dropped": []}}` (dropped: token-expert assignments over capacity), summed over the interval
-    (and over ranks under DDP) before logging.
+    `{layer: {"load": [E], "importance": [E], "dropped": []}}` (dropped: token-expert assignments over
+    capacity), summed over the interval (and over ranks under DDP) before logging.
     """
 
     def __init__(self, every_n_steps: int = 50, log_per_expert: bool = True) -> None:
@@ -76,9 +76,8 @@ class ExpertLoadMonitor(pl.Callback):
         self.every_n_steps = every_n_steps
         self.log_per_expert = log_per_expert
         self._sums: dict[str, dict[str, torch.Tensor]] = {}
-        self._flushed_at = (
-            -1
-        )  # optimizer step of the last flush (several batches share one under accumulation)
+        # optimizer step of the last flush (several batches share one under gradient accumulation)
+        self._flushed_at = -1
         self.steps: list[int] = []  # optimizer step of each logged interval
         self.history: dict[str, list[list[float]]] = {}  # layer -> one load-share row [E] per interval
 
@@ -137,6 +136,7 @@ class ExpertLoadMonitor(pl.Callback):
 
         matplotlib.use("Agg")  # headless: no display on training machines
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         out_dir = log_dir(trainer) / "expert_load"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +148,7 @@ class ExpertLoadMonitor(pl.Callback):
             ax.set_title(f"{layer}: share of routed tokens per expert")
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("expert")
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ticks = sorted({0, len(rows) - 1, *range(0, len(rows), max(1, len(rows) // 6))})
             ax.set_xticks(ticks, [str(self.steps[-len(rows) :][i]) for i in ticks])
             fig.colorbar(image, ax=ax, label="load share")

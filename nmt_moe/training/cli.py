@@ -2,9 +2,10 @@
 
 Subcommands `fit`, `validate`, `test` (and `--print_config`) come from LightningCLI. On top of its defaults:
 - `data.vocab_size` is linked to the Seq2Seq's `vocab_size` (`model.model.init_args.vocab_size`);
-- checkpointing (`--checkpoint.*`: best by `val/bleu` plus `last`, under `<default_root_dir>/checkpoints` so
-  `--ckpt_path last` finds them on a rerun), early stopping (`--early_stopping.*`), expert-load logging
-  (`--expert_load.*`), tokens/s in the progress bar (`--throughput.*`) and W&B sample tables are always on;
+- always on: checkpoints best by `val/bleu` (`--checkpoint.*`) and `last.ckpt` after every validation
+  (`--last_checkpoint.*`), both under `<default_root_dir>/checkpoints` so `--ckpt_path last` finds them;
+  early stopping (`--early_stopping.*`), expert-load logging (`--expert_load.*`), tokens/s in the progress
+  bar (`--throughput.*`) and W&B sample tables;
 - the logger is W&B, offline unless an API key is configured; `--wandb off` switches to a CSV logger, and any
   `--trainer.logger` replaces it (`--trainer.logger false` logs nothing);
 - the full parsed config is written beside the logs and sent to the loggers' hyper-parameters.
@@ -71,18 +72,29 @@ def train_main(argv: list[str]) -> int:
                 "or off (CSV logger instead). Ignored when --trainer.logger names another logger.",
             )
             parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size")
+            # Best by BLEU, and a separate "last" (overwritten at every save): ModelCheckpoint(save_last=True)
+            # in Lightning 2.6 refreshes last.ckpt only when the best one changes, which breaks resuming.
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults(
                 {
                     "checkpoint.monitor": "val/bleu",
                     "checkpoint.mode": "max",
-                    "checkpoint.save_last": True,
                     "checkpoint.save_top_k": 1,
                     "checkpoint.filename": "best-step{step}-bleu{val/bleu:.2f}",
                     "checkpoint.auto_insert_metric_name": False,
                 }
             )
-            parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+            parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+            parser.set_defaults(
+                {
+                    "last_checkpoint.filename": "last",
+                    "last_checkpoint.monitor": None,
+                    "last_checkpoint.save_top_k": 1,
+                    "last_checkpoint.enable_version_counter": False,
+                }
+            )
+            for key in ("checkpoint", "last_checkpoint"):
+                parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=checkpoint_dir)
             parser.add_lightning_class_args(EarlyStopping, "early_stopping")
             parser.set_defaults(
                 {

@@ -105,6 +105,8 @@ class TranslationModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log("train/ce", ce, **log)
         self.log("train/acc", token_accuracy(logits, target), **log)
+        if self._trainer is not None:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
         if moe:
             self.log("train/aux_loss", aux, **log)
         for layer, out in moe.items():
@@ -236,7 +238,7 @@ class TranslationModule(pl.LightningModule):
 
 
 def token_accuracy(logits: Tensor, target: Tensor) -> Tensor:
-    """Share of real (non-padding) target tokens predicted right by argmax. logits [B, T, V], target [B, T]."""
+    """Share of real (non-padding) target tokens that argmax predicts: logits [B, T, V], target [B, T]."""
     real = target != PAD_ID  # [B, T]
     correct = (logits.argmax(-1) == target) & real
     return correct.sum() / real.sum().clamp_min(1)

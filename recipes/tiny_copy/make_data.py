@@ -1,7 +1,8 @@
 """Writes the synthetic copy task of the tiny_copy recipe: the target is the source sentence itself.
 
 Sentences are 3-6 words drawn from 32 made-up syllables, so a SentencePiece unigram model of 56 pieces holds
-every word as one piece and the task is a pure sequence copy: `python recipes/tiny_copy/make_data.py data/tiny_copy`.
+every word as one piece and the task is a pure sequence copy.
+Usage: `python recipes/tiny_copy/make_data.py data/tiny_copy`.
 """
 
 from __future__ import annotations
