@@ -130,6 +130,10 @@ def test_memory_counts_bytes_per_precision() -> None:
         src_len=7,
     )
     assert mixed["weights"] == fp32["weights"] and mixed["activations"] == fp32["activations"] / 2
+    assert fp32["weight_copies"] == 0 and mixed["weight_copies"] == 2 * n  # autocast's bf16 weight copies
+    assert fp32["logits"] == 100 * 50 * (4 + 4 + 4) and mixed["logits"] == 100 * 50 * (2 + 4 + 4)
+    parts = ("weights", "gradients", "optimizer", "weight_copies", "logits", "activations")
+    assert mixed["total"] == sum(mixed[part] for part in parts)
 
 
 def test_cli_prints_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
