@@ -73,7 +73,6 @@ elif [[ -n "${TRAIN_LAUNCHER:-}" ]]; then
   read -r -a launcher <<<"$TRAIN_LAUNCHER"
   train_args=(--trainer.num_nodes "${NUM_NODES:-1}" "${train_args[@]}")
 fi
-mkdir -p "$OUT"
 
 # --- data: local files in WMT layout, or the HF hub --------------------------------------------------------
 if [[ -f "$DATA/train.$SRC" && -f "$DATA/train.$TGT" ]]; then
@@ -99,6 +98,7 @@ for lang in (src, tgt):
 PY
   fi
 fi
+mkdir -p "$OUT"
 prepare_flags=()
 train_data_flags=()
 for ((i = 0; i < ${#data_settings[@]}; i += 2)); do
