@@ -19,7 +19,7 @@ GATE_CONFIGS = {
     "sigmoid": dict(gate="sigmoid", k=3),
     "hierarchical": dict(gate="hierarchical", k=2, num_groups=4, k_group=2),
     "noisy_swiglu_shared_bias": dict(
-        gate="noisy_topk", k=2, activation="swiglu", num_shared_experts=1, loss_free_bias=True
+        gate="noisy_topk", k=2, activation="swiglu", num_shared_experts=1, loss_free_bias=True, ffn_bias=True
     ),
 }
 
@@ -139,7 +139,8 @@ def test_gradients_reach_the_router_and_only_the_selected_experts(name: str) -> 
             assert param.grad is not None and float(param.grad.abs().sum()) > 0, pname
     used = out.load > 0
     assert 0 < int(used.sum()) <= NUM_EXPERTS if name == "batchwise" else int(used.sum()) < NUM_EXPERTS
-    for param in (layer.experts.w_in, layer.experts.w_out, layer.experts.b_in, layer.experts.b_out):
+    experts = layer.experts
+    for param in (p for p in (experts.w_in, experts.w_out, experts.b_in, experts.b_out) if p is not None):
         per_expert = param.grad.reshape(NUM_EXPERTS, -1).abs().sum(1)
         assert torch.all(per_expert[used] > 0) and torch.all(per_expert[~used] == 0)
 

@@ -34,8 +34,8 @@ def _activate(pre: Tensor, activation: str) -> Tensor:
 
 def _activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
     """d loss / d pre, given d loss / d activation."""
-    if activation == "relu":  # `pre` may be relu's output: the same sign pattern
-        return torch.ops.aten.threshold_backward(grad, pre, 0)
+    if activation == "relu":  # `pre` may be relu's output (the same sign pattern); `grad` is overwritten
+        return torch.ops.aten.threshold_backward.grad_input(grad, pre, 0, grad_input=grad)
     gate, up = pre.chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     silu = gate * sig
@@ -54,88 +54,100 @@ def _slices(counts: list[int]) -> list[tuple[int, slice]]:
 
 
 class _SortedExpertFFN(torch.autograd.Function):
-    """y[rows_e] = act(x[rows_e] W_in[e] + b_in[e]) W_out[e] + b_out[e] for each expert e."""
+    """y[rows_e] = act(x[rows_e] W_in[e] + b_in[e]) W_out[e] + b_out[e] per expert e (biases optional)."""
 
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, b_out, counts, activation, dropout_mask):  # type: ignore[override]
         parts = _slices(counts)
         pre = x.new_empty(x.shape[0], w_in.shape[-1])  # [A, h_in]
         for e, rows in parts:
-            torch.addmm(b_in[e], x[rows], w_in[e], out=pre[rows])
-        hidden = _activate(pre, activation)  # [A, h]
+            _linear(x[rows], w_in[e], None if b_in is None else b_in[e], out=pre[rows])
+        if activation == "relu":
+            hidden = pre.relu_()  # in place: relu's backward needs only its output
+        else:
+            hidden = _activate(pre, activation)  # [A, h]
         if dropout_mask is not None:
             hidden = hidden * dropout_mask
         out = x.new_empty(x.shape[0], w_out.shape[-1])  # [A, d]
         for e, rows in parts:
-            torch.addmm(b_out[e], hidden[rows], w_out[e], out=out[rows])
-        # relu needs only its output (pre > 0 iff hidden > 0 when undropped); swiglu recomputes from pre
-        saved = hidden if activation == "relu" and dropout_mask is None else pre
-        ctx.save_for_backward(x, saved, w_in, w_out, dropout_mask)
-        ctx.parts, ctx.activation = parts, activation
+            _linear(hidden[rows], w_out[e], None if b_out is None else b_out[e], out=out[rows])
+        ctx.save_for_backward(x, pre, w_in, w_out, dropout_mask)  # relu: `pre` holds relu(pre)
+        ctx.parts, ctx.activation, ctx.has_bias = parts, activation, b_in is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, saved, w_in, w_out, dropout_mask = ctx.saved_tensors
+        x, pre, w_in, w_out, dropout_mask = ctx.saved_tensors
         parts, activation = ctx.parts, ctx.activation
         grad_out = grad_out.contiguous()
-        if activation == "relu" and dropout_mask is None:
-            pre = hidden = saved
-        else:
-            pre = saved
-            hidden = _activate(pre, activation)  # recomputed: cheaper than keeping both
-            if dropout_mask is not None:
-                hidden = hidden * dropout_mask
-        grad_w_in, grad_b_in = _zero_unused(w_in, parts), _zero_unused_bias(w_in, parts)
-        grad_w_out, grad_b_out = _zero_unused(w_out, parts), _zero_unused_bias(w_out, parts)
+        hidden = pre if activation == "relu" else _activate(pre, activation)  # swiglu: recomputed
+        if dropout_mask is not None:
+            hidden = hidden * dropout_mask
+        grad_w_in, grad_w_out = _grad_buffer(w_in, parts), _grad_buffer(w_out, parts)
+        grad_b_in = _grad_buffer(w_in[:, 0], parts) if ctx.has_bias else None  # [E, h_in]
+        grad_b_out = _grad_buffer(w_out[:, 0], parts) if ctx.has_bias else None  # [E, d]
         grad_hidden = hidden.new_empty(hidden.shape)  # [A, h]
         for e, rows in parts:
             g = grad_out[rows]
             torch.mm(hidden[rows].t(), g, out=grad_w_out[e])
-            torch.sum(g, 0, out=grad_b_out[e])
             torch.mm(g, w_out[e].t(), out=grad_hidden[rows])
+            if grad_b_out is not None:
+                torch.sum(g, 0, out=grad_b_out[e])
         if dropout_mask is not None:
-            grad_hidden = grad_hidden * dropout_mask
+            grad_hidden.mul_(dropout_mask)
         grad_pre = _activation_backward(grad_hidden, pre, activation)  # [A, h_in]
         grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
         for e, rows in parts:
             g = grad_pre[rows]
             torch.mm(x[rows].t(), g, out=grad_w_in[e])
-            torch.sum(g, 0, out=grad_b_in[e])
             if grad_x is not None:
                 torch.mm(g, w_in[e].t(), out=grad_x[rows])
+            if grad_b_in is not None:
+                torch.sum(g, 0, out=grad_b_in[e])
         return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
-def _zero_unused(weight: Tensor, parts: list[tuple[int, slice]]) -> Tensor:
-    """Gradient buffer like `weight` [E, ...]: experts without tokens get zeros, the rest is overwritten."""
-    grad = torch.empty_like(weight)
-    used = torch.zeros(weight.shape[0], dtype=torch.bool)
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+    """out = x @ weight (+ bias), written in place."""
+    if bias is None:
+        torch.mm(x, weight, out=out)
+    else:
+        torch.addmm(bias, x, weight, out=out)
+
+
+def _grad_buffer(like: Tensor, parts: list[tuple[int, slice]]) -> Tensor:
+    """Gradient buffer shaped like `like` [E, ...]: zeros for unused experts, the rest gets overwritten."""
+    grad = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    used = torch.zeros(like.shape[0], dtype=torch.bool)
     used[[e for e, _ in parts]] = True
     if not bool(used.all()):
-        grad[~used.to(weight.device)] = 0
+        grad[~used.to(like.device)] = 0
     return grad
 
 
-def _zero_unused_bias(weight: Tensor, parts: list[tuple[int, slice]]) -> Tensor:
-    """Bias gradient buffer [E, weight.shape[-1]]."""
-    return _zero_unused(weight.new_empty(weight.shape[0], weight.shape[-1]), parts)
-
-
 class Experts(nn.Module):
-    """E expert FFNs (ReLU or SwiGLU) with stacked weights; runs expert-sorted tokens slice by slice."""
+    """E expert FFNs (ReLU or SwiGLU) with stacked weights; runs expert-sorted tokens slice by slice.
+
+    Experts have no biases by default, like the paper's implementation (tensor2tensor's ffn_expert_fn).
+    """
 
     def __init__(
-        self, num_experts: int, d_model: int, d_hidden: int, activation: str = "relu", dropout: float = 0.0
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         _check_activation(activation)
         self.num_experts, self.activation, self.dropout = num_experts, activation, dropout
         d_in = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_in))  # [E, d, h_in]
-        self.b_in = nn.Parameter(torch.empty(num_experts, d_in))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # [E, h, d]
-        self.b_out = nn.Parameter(torch.empty(num_experts, d_model))
+        self.b_in = nn.Parameter(torch.empty(num_experts, d_in)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,7 +155,8 @@ class Experts(nn.Module):
         for weight, bias in ((self.w_in, self.b_in), (self.w_out, self.b_out)):
             bound = 1.0 / math.sqrt(weight.shape[1])
             nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
 
     def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
         """x_sorted [A, d] sorted by expert, counts [E] slice lengths -> [A, d]."""
@@ -154,11 +167,12 @@ class Experts(nn.Module):
             x_sorted = x_sorted.to(torch.get_autocast_dtype(device_type))
         dtype = x_sorted.dtype
         params = [
-            p if p.dtype == dtype else p.to(dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out)
+            p if p is None or p.dtype == dtype else p.to(dtype)
+            for p in (self.w_in, self.b_in, self.w_out, self.b_out)
         ]
         mask = None
         if self.training and self.dropout > 0:
-            hidden = params[2].shape[1]
+            hidden = self.w_out.shape[1]
             keep = 1.0 - self.dropout
             mask = torch.empty(x_sorted.shape[0], hidden, dtype=dtype, device=x_sorted.device)
             mask = mask.bernoulli_(keep).div_(keep)
@@ -167,20 +181,25 @@ class Experts(nn.Module):
 
     def expert_forward(self, x: Tensor, expert: int) -> Tensor:
         """One expert on x [..., d] with plain autograd ops (no dropout): the slow reference for tests."""
-        pre = x @ self.w_in[expert] + self.b_in[expert]
-        return _activate(pre, self.activation) @ self.w_out[expert] + self.b_out[expert]
+        pre = x @ self.w_in[expert]
+        if self.b_in is not None:
+            pre = pre + self.b_in[expert]
+        out = _activate(pre, self.activation) @ self.w_out[expert]
+        return out if self.b_out is None else out + self.b_out[expert]
 
 
 class FeedForward(nn.Module):
     """Dense FFN, d_model -> d_hidden -> d_model: the dense baseline and the shared experts."""
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_hidden: int, activation: str = "relu", dropout: float = 0.0, bias: bool = True
+    ) -> None:
         super().__init__()
         _check_activation(activation)
         self.activation = activation
-        self.w_in = nn.Linear(d_model, 2 * d_hidden if activation == "swiglu" else d_hidden)
+        self.w_in = nn.Linear(d_model, 2 * d_hidden if activation == "swiglu" else d_hidden, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        self.w_out = nn.Linear(d_hidden, d_model)
+        self.w_out = nn.Linear(d_hidden, d_model, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., d_model] -> [..., d_model]."""

@@ -52,6 +52,7 @@ class MoELayer(nn.Module):
         gate: "noisy_topk" | "batchwise" | "softmax_topk" | "switch" (k must be 1) | "sigmoid" |
             "hierarchical".
         activation: expert FFN activation, "relu" or "swiglu". dropout: on the experts' hidden activations.
+        ffn_bias: give experts (and shared experts) biases; off by default, as in the paper's experts.
         w_importance, w_load: weights of the importance / load CV² losses (noisy_topk, batchwise,
             hierarchical).
         w_balance, w_z: weights of the Switch balance loss and router z-loss (softmax_topk, switch, sigmoid).
@@ -74,6 +75,7 @@ class MoELayer(nn.Module):
         gate: GateName = "noisy_topk",
         activation: Literal["relu", "swiglu"] = "relu",
         dropout: float = 0.0,
+        ffn_bias: bool = False,
         w_importance: float = 0.01,
         w_load: float = 0.01,
         w_balance: float = 0.01,
@@ -104,9 +106,9 @@ class MoELayer(nn.Module):
         }
         self.gate = _build_gate(gate, d_model, num_experts, k, noise, noise_epsilon, num_groups, k_group)
         self.normalize_expert_output = getattr(self.gate, "normalize_expert_output", False)
-        self.experts = Experts(num_experts, d_model, d_hidden, activation, dropout)
+        self.experts = Experts(num_experts, d_model, d_hidden, activation, dropout, bias=ffn_bias)
         self.shared = (
-            FeedForward(d_model, num_shared_experts * d_hidden, activation, dropout)
+            FeedForward(d_model, num_shared_experts * d_hidden, activation, dropout, bias=ffn_bias)
             if num_shared_experts
             else None
         )
