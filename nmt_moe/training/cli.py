@@ -47,6 +47,7 @@ def train_main(argv: list[str]) -> int:
     from jsonargparse import Namespace
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+    from pytorch_lightning.loggers import WandbLogger
 
     from nmt_moe.data.datamodule import TranslationDataModule
     from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
@@ -124,7 +125,7 @@ def train_main(argv: list[str]) -> int:
             if logger.init_args.get("save_dir") in (None, "."):
                 logger.init_args.save_dir = root
 
-    TrainCLI(
+    cli = TrainCLI(
         TranslationModule,
         TranslationDataModule,
         args=argv,
@@ -144,4 +145,7 @@ def train_main(argv: list[str]) -> int:
         auto_configure_optimizers=False,
         parser_kwargs={"prog": "nmt-moe train"},
     )
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # flush the run now, so train_main can run again in one process
     return 0
