@@ -23,6 +23,7 @@ from nmt_moe.moe import MoELayer
 from nmt_moe.training.schedules import Schedule, lr_multiplier
 
 CHECKPOINT_VERSION = 1
+OPTIMIZERS = ("adam", "adamw", "adafactor")
 
 
 class TranslationModule(pl.LightningModule):
@@ -69,6 +70,10 @@ class TranslationModule(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if val_max_sentences < 0:
             raise ValueError(f"val_max_sentences must be >= 0, got {val_max_sentences}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
+        # Check the schedule now, not at the first step (cosine without max_steps uses the trainer's total).
+        lr_multiplier(schedule, warmup_steps, max_steps or warmup_steps + 1, min_lr_ratio)
         # Hyper-parameters hold primitives only, so checkpoints load with weights_only=True: the model is
         # stored as the class_path/init_args form LightningCLI parses.
         self.save_hyperparameters(ignore=["model"])
@@ -135,10 +140,8 @@ class TranslationModule(pl.LightningModule):
             optimizer = torch.optim.Adam(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
         elif hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
-        elif hp.optimizer == "adafactor":
+        else:  # adafactor
             optimizer = torch.optim.Adafactor(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            raise ValueError(f"unknown optimizer {hp.optimizer!r}: expected 'adam', 'adamw' or 'adafactor'")
         max_steps = hp.max_steps
         if hp.schedule == "cosine" and max_steps is None:
             max_steps = int(self.trainer.estimated_stepping_batches)
