@@ -305,21 +305,22 @@ def copy_task_batch(gen: torch.Generator, batch: int, vocab: int) -> tuple[Tenso
     return src, lengths + 1, tgt
 
 
-@pytest.fixture(scope="module")
-def trained_seq2seq() -> torch.nn.Module:
-    """A tiny MoE Seq2Seq trained briefly on copying: confident but not perfect, so beams matter."""
+def copy_model(seed: int = 0) -> torch.nn.Module:
     from nmt_moe.models import Seq2Seq
 
-    torch.manual_seed(0)
-    vocab = 16
-    model = Seq2Seq(
-        vocab_size=vocab, embed_dim=24, hidden_size=32, encoder_layers=2, decoder_layers=2, dropout=0.0,
+    torch.manual_seed(seed)
+    return Seq2Seq(
+        vocab_size=16, embed_dim=24, hidden_size=32, encoder_layers=2, decoder_layers=2, dropout=0.0,
         ffn="moe", num_experts=4, k=2, d_hidden=32,
-    )  # fmt: skip
+    ).eval()  # fmt: skip
+
+
+def train_on_copying(model: torch.nn.Module, steps: int) -> torch.nn.Module:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        src, lengths, tgt = copy_task_batch(gen, 32, vocab)
+    model.train()
+    for _ in range(steps):
+        src, lengths, tgt = copy_task_batch(gen, 32, 16)
         out = model(src, lengths, tgt[:, :-1])
         loss = nn.functional.cross_entropy(out.logits.transpose(1, 2), tgt[:, 1:], ignore_index=PAD_ID)
         optimizer.zero_grad()
@@ -328,34 +329,47 @@ def trained_seq2seq() -> torch.nn.Module:
     return model.eval()
 
 
-def test_real_model_beam_one_equals_greedy_decode(trained_seq2seq: torch.nn.Module) -> None:
+def test_real_model_beam_one_equals_greedy_decode() -> None:
     from nmt_moe.decoding.greedy import greedy_decode
 
+    model = copy_model()
     src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(1), 24, 16)
-    tokens, scores = greedy_decode(trained_seq2seq, src, lengths, max_len_a=1.0, max_len_b=2)
-    hyps = beam_search(trained_seq2seq, src, lengths, beam_size=1, max_len_a=1.0, max_len_b=2)
+    tokens, scores = greedy_decode(model, src, lengths, max_len_a=1.0, max_len_b=2)
+    hyps = beam_search(model, src, lengths, beam_size=1, max_len_a=1.0, max_len_b=2)
     assert [h[0].tokens for h in hyps] == tokens
     torch.testing.assert_close(torch.tensor([h[0].log_prob for h in hyps]), scores, rtol=0, atol=1e-4)
 
 
-def test_real_model_beam_never_scores_below_greedy(trained_seq2seq: torch.nn.Module) -> None:
+@pytest.mark.slow
+def test_trained_model_beam_never_scores_below_greedy() -> None:
+    """Beam search can in principle lose the greedy path; on a trained model it must not happen.
+
+    120 steps of copying leave the model confident but not perfect (beam 5 improves on greedy for about a
+    quarter of the sentences); after 60 steps, with less confident predictions, it did lose the greedy path
+    for 1 sentence in 240.
+    """
     from nmt_moe.decoding.greedy import greedy_decode
 
-    src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(2), 48, 16)
-    _, greedy_scores = greedy_decode(trained_seq2seq, src, lengths)
-    hyps = beam_search(trained_seq2seq, src, lengths, beam_size=5)
-    beam_scores = torch.tensor([h[0].log_prob for h in hyps])
-    assert (beam_scores >= greedy_scores - 1e-4).all()
-    assert (beam_scores > greedy_scores + 1e-3).any(), "beam never improved on greedy: test too easy"
+    model = train_on_copying(copy_model(), steps=120)
+    improved = 0
+    for seed in (2, 3, 4):
+        src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(seed), 48, 16)
+        _, greedy_scores = greedy_decode(model, src, lengths)
+        hyps = beam_search(model, src, lengths, beam_size=5)
+        beam_scores = torch.tensor([h[0].log_prob for h in hyps])
+        assert (beam_scores >= greedy_scores - 1e-4).all()
+        improved += int((beam_scores > greedy_scores + 1e-3).sum())
+    assert improved > 0, "beam never improved on greedy: the test is too easy to pass"
 
 
-def test_real_model_batched_equals_one_at_a_time(trained_seq2seq: torch.nn.Module) -> None:
+def test_real_model_batched_equals_one_at_a_time() -> None:
+    model = copy_model()
     src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(3), 8, 16)
-    options = dict(beam_size=4, nbest=2, alpha=0.6, beta=0.2, return_experts=True)
-    batched = beam_search(trained_seq2seq, src, lengths, **options)
+    options = dict(beam_size=4, nbest=2, alpha=0.6, beta=0.2, max_len_b=4, return_experts=True)
+    batched = beam_search(model, src, lengths, **options)
     for i in range(len(lengths)):
         n = int(lengths[i])
-        alone = beam_search(trained_seq2seq, src[i : i + 1, :n], lengths[i : i + 1], **options)[0]
+        alone = beam_search(model, src[i : i + 1, :n], lengths[i : i + 1], **options)[0]
         assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
         assert [h.experts for h in alone] == [h.experts for h in batched[i]]
         for a, b in zip(alone, batched[i], strict=True):

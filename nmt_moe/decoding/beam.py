@@ -47,9 +47,11 @@ class Hypothesis:
 
 
 def max_target_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: float) -> Tensor:
-    """Per-sentence target length limit int(a * src_len + b) (at least 1), as greedy_decode computes it."""
-    limits = [max(1, int(max_len_a * n + max_len_b)) for n in src_lengths.tolist()]
-    return torch.tensor(limits, dtype=torch.long, device=src_lengths.device)
+    """Per-sentence target length limit int(a * src_len + b), at least 1: [B] -> [B].
+
+    Computed in float32 exactly as greedy_decode does, so both stop at the same step.
+    """
+    return (max_len_a * src_lengths.float() + max_len_b).long().clamp(min=1)
 
 
 @contextmanager
@@ -160,7 +162,7 @@ def beam_search(
                 step_experts = (
                     torch.stack(layers, dim=1)
                     if layers
-                    else torch.empty(n_active * k, 0, 0, dtype=torch.long)
+                    else torch.empty(n_active * k, 0, 0, dtype=torch.long, device=device)
                 )  # [A*K, layers, k_moe]
                 if experts is None:
                     experts = step_experts.new_empty(n_active * k, 0, *step_experts.shape[1:])
