@@ -73,7 +73,7 @@ def test_noisy_topk_losses_equal_hand_computed_values_on_a_fixed_input() -> None
     routing = gate(x)
     assert routing.expert_index.tolist() == [[0], [1]]
     assert routing.gate_weight.tolist() == [[1.0], [1.0]]  # softmax over one kept logit
-    assert float(routing.losses["importance"]) == pytest.approx(
+    assert routing.losses["importance"].item() == pytest.approx(
         cv_squared(torch.tensor([1.0, 1.0, 0.0])).item()
     )
     std = math.log(2) + 0.01

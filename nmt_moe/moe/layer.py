@@ -161,7 +161,7 @@ class MoELayer(nn.Module):
         )
 
     def _empty_output(self, x: Tensor) -> MoEOutput:
-        """Every token masked: nothing is routed (keeps the output connected to the graph for DDP)."""
+        """Every token masked: nothing is routed; y = x · 0 keeps the output in x's autograd graph."""
         zero = torch.zeros((), device=x.device)
         return MoEOutput(
             y=x * 0,
