@@ -57,6 +57,9 @@ class TranslationDataModule(pl.LightningDataModule):
 
     Args:
         src_lang, tgt_lang: language codes; file suffixes for local prefixes, keys for JSONL and hub rows.
+            A list of target languages trains one multilingual model (one-to-many, local files only):
+            every corpus is read once per target language (`train.en` + `train.de`, `train.en` +
+            `train.fr`, ...), each source tagged `<2xx>`, splits concatenated language after language.
         train: local training corpora (path prefix, .tsv or .jsonl); several are concatenated.
         valid, test: local evaluation corpora; where absent and `hub_dataset` is set, the hub's splits.
         hub_dataset, hub_config: e.g. "wmt/wmt14" and "de-en".
@@ -77,7 +80,7 @@ class TranslationDataModule(pl.LightningDataModule):
     def __init__(
         self,
         src_lang: str,
-        tgt_lang: str,
+        tgt_lang: str | list[str],
         train: str | list[str] | None = None,
         valid: str | None = None,
         test: str | None = None,
@@ -107,7 +110,7 @@ class TranslationDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.config = PipelineConfig(
             src_lang=src_lang,
-            tgt_lang=tgt_lang,
+            tgt_lang=tgt_lang if isinstance(tgt_lang, str) else tuple(tgt_lang),
             train=tuple([train] if isinstance(train, str) else train or ()),
             valid=valid,
             test=test,

@@ -39,7 +39,7 @@ class PipelineConfig:
     """Everything that changes the prepared data; its fields (plus input file stamps) form the cache key."""
 
     src_lang: str
-    tgt_lang: str
+    tgt_lang: str | tuple[str, ...]  # several: one-to-many multilingual, each source tagged <2xx>
     train: tuple[str, ...] = ()  # local corpora concatenated (prefixes, .tsv or .jsonl)
     valid: str | None = None
     test: str | None = None
@@ -59,8 +59,30 @@ class PipelineConfig:
             raise ValueError("no training data: give train (local files) or hub_dataset/hub_config")
         if self.hub_dataset and not self.hub_config:
             raise ValueError(f"hub_dataset {self.hub_dataset!r} needs hub_config, e.g. 'de-en'")
-        if self.src_lang == self.tgt_lang:
+        if not self.tgt_langs or len(set(self.tgt_langs)) != len(self.tgt_langs):
+            raise ValueError(
+                f"tgt_lang must name one language or several distinct ones, got {self.tgt_lang!r}"
+            )
+        if self.src_lang in self.tgt_langs:
             raise ValueError(f"src_lang and tgt_lang are both {self.src_lang!r}")
+        if self.multilingual and self.hub_dataset:
+            raise ValueError(
+                f"several target languages {self.tgt_langs} read local files only; hub_dataset must be unset"
+            )
+
+    @property
+    def tgt_langs(self) -> tuple[str, ...]:
+        return (self.tgt_lang,) if isinstance(self.tgt_lang, str) else tuple(self.tgt_lang)
+
+    @property
+    def multilingual(self) -> bool:
+        """One source language into several targets: every split holds one corpus per target language."""
+        return not isinstance(self.tgt_lang, str)
+
+    @property
+    def tags_target(self) -> bool:
+        """Whether sources carry a `<2xx>` tag: asked for, or implied by several target languages."""
+        return self.target_lang_token or self.multilingual
 
     def split_source(self, split: str) -> tuple[str, ...] | None:
         """Local corpora of a split, or None when it comes from the hub (or is absent)."""
@@ -79,7 +101,8 @@ class PipelineConfig:
             f
             for split in SPLITS
             for spec in self.split_source(split) or ()
-            for f in local_files(spec, self.src_lang, self.tgt_lang)
+            for tgt_lang in self.tgt_langs
+            for f in local_files(spec, self.src_lang, tgt_lang)
         ]
 
     def cache_key(self) -> str:
@@ -122,14 +145,20 @@ def default_cache_dir() -> Path:
 def load_split(
     config: PipelineConfig, split: str, work_dir: Path, num_proc: int | None
 ) -> datasets.Dataset | None:
+    """The split's pairs; with several target languages, language after language (each corpus read once
+    per target language) with a `tgt_lang` column saying which."""
     specs = config.split_source(split)
     if specs is not None:
-        parts = [
-            load_local(spec, config.src_lang, config.tgt_lang, cache_dir=work_dir / "raw") for spec in specs
-        ]
+        parts = []
+        for tgt_lang in config.tgt_langs:
+            for spec in specs:
+                part = load_local(spec, config.src_lang, tgt_lang, cache_dir=work_dir / "raw")
+                if config.multilingual:
+                    part = part.add_column("tgt_lang", [tgt_lang] * len(part))
+                parts.append(part)
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if config.hub_dataset:
-        assert config.hub_config is not None
+        assert config.hub_config is not None and isinstance(config.tgt_lang, str)
         # The HF cache (not work_dir) keeps the download across settings changes.
         return load_hub(config.hub_dataset, config.hub_config, split, config.src_lang, config.tgt_lang)
     return None
@@ -142,9 +171,12 @@ def _column_text(ds: datasets.Dataset, columns: tuple[str, ...]) -> Iterator[str
 
 
 def _encode_batch(
-    batch: dict[str, list[str]], src_tok: Tokenizer, tgt_tok: Tokenizer, src_prefix: list[int]
+    batch: dict[str, list[str]], src_tok: Tokenizer, tgt_tok: Tokenizer, src_prefix: dict[str, list[int]]
 ) -> dict[str, list]:
-    src = [src_prefix + ids + [EOS_ID] for ids in src_tok.encode(batch["src"], num_threads=1)]
+    """src_prefix: the tag ids by target language ("" when the batch has no `tgt_lang` column)."""
+    langs = batch.get("tgt_lang") or [""] * len(batch["src"])
+    encoded = src_tok.encode(batch["src"], num_threads=1)
+    src = [src_prefix[lang] + ids + [EOS_ID] for ids, lang in zip(encoded, langs, strict=True)]
     tgt = [[BOS_ID] + ids + [EOS_ID] for ids in tgt_tok.encode(batch["tgt"], num_threads=1)]
     return {
         "src_ids": src,
@@ -155,7 +187,7 @@ def _encode_batch(
 
 
 def _train_tokenizers(config: PipelineConfig, train: datasets.Dataset) -> tuple[Tokenizer, Tokenizer]:
-    symbols = [lang_token(config.tgt_lang)] if config.target_lang_token else []
+    symbols = [lang_token(lang) for lang in config.tgt_langs] if config.tags_target else []
     kwargs = {
         "model_type": config.spm_model_type,
         "character_coverage": config.character_coverage,
@@ -176,7 +208,11 @@ def _train_tokenizers(config: PipelineConfig, train: datasets.Dataset) -> tuple[
 def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str, Any]:
     work = out / "work"
     log.info("building %s", out)
-    summary: dict[str, Any] = {"src_lang": config.src_lang, "tgt_lang": config.tgt_lang, "splits": {}}
+    summary: dict[str, Any] = {
+        "src_lang": config.src_lang,
+        "tgt_lang": ",".join(config.tgt_langs),
+        "splits": {},
+    }
     raw = {split: load_split(config, split, work, num_proc) for split in SPLITS if config.has_split(split)}
     if raw.get("train") is None or len(raw["train"]) == 0:
         raise ValueError("the training corpus is empty")
@@ -200,7 +236,11 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
     else:
         src_tok.save(out / "tokenizer.src.model")
         tgt_tok.save(out / "tokenizer.tgt.model")
-    prefix = [src_tok.token_id(lang_token(config.tgt_lang))] if config.target_lang_token else []
+    tags = {lang: [src_tok.token_id(lang_token(lang))] for lang in config.tgt_langs if config.tags_target}
+    if config.multilingual:
+        prefix = tags  # each row's own tag, by its tgt_lang column
+    else:
+        prefix = {"": tags.get(config.tgt_langs[0], [])}
 
     log.info("vocab of %d pieces; encoding", src_tok.vocab_size)
     for split, ds in text.items():

@@ -3,7 +3,8 @@
 # translate test_2016_flickr with beam search -> score (cased sacreBLEU 13a and chrF, with signatures).
 #
 # Usage: recipes/multi30k_en_de/run.sh [--smoke] [DATA_DIR [OUT_DIR]] [-- TRAIN_ARGS...]
-#   DATA_DIR  Multi30k raw text: train.{en,de} val.{en,de} test_2016_flickr.{en,de}
+#   DATA_DIR  Multi30k raw text: train.{en,de} val.{en,de} test_2016_flickr.{en,de} (and .fr/.cs for the
+#             multilingual recipe)
 #             (default ../shared/data/multi30k, relative to the repository root).
 #             With a network, the same files come from the HF hub, e.g. the `bentrevett/multi30k` dataset:
 #               python -c "import datasets; ds = datasets.load_dataset('bentrevett/multi30k')
@@ -14,6 +15,8 @@
 #             OUT_DIR/export, ready for `nmt-moe translate -m OUT_DIR/export`.
 #   --smoke   the same steps with a tiny model on the first few hundred lines (CI check, about a minute).
 #   TRAIN_ARGS are passed to `nmt-moe train fit` after the configs (e.g. --trainer.max_time 00:00:10:00).
+#   Other recipes reuse this script through RECIPE, CONFIG and TGT (several target languages:
+#   TGT="de fr cs" translates and scores each pair, asking for it with --target-lang).
 #   Environment: WANDB=auto|online|offline|off (default off); OMP_NUM_THREADS (default 2);
 #   OMP_WAIT_POLICY (default PASSIVE: steady on a shared machine; unset it on a quiet one).
 set -euo pipefail
@@ -23,11 +26,11 @@ REPO_DIR="$(cd "$RECIPE_DIR/../.." && pwd)"
 RECIPE="${RECIPE:-multi30k_en_de}"
 CONFIG="${CONFIG:-$RECIPE_DIR/config.yaml}"
 SRC="${SRC:-en}"
-TGT="${TGT:-de}"
+read -r -a TGTS <<<"${TGT:-de}"
 BEAM=5
 ALPHA=0.6
 AVERAGE_N=4
-SAVE_EVERY=200
+SAVE_EVERY=100
 
 smoke=false
 positional=()
@@ -36,7 +39,7 @@ while (($#)); do
   case "$1" in
     --smoke) smoke=true ;;
     --) shift; train_args=("$@"); break ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     *) positional+=("$1") ;;
   esac
@@ -48,7 +51,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 for split in train val test_2016_flickr; do
-  for lang in "$SRC" "$TGT"; do
+  for lang in "$SRC" "${TGTS[@]}"; do
     if [[ ! -f "$DATA/$split.$lang" ]]; then
       echo "run.sh: expected $DATA/$split.$lang (Multi30k raw text; see --help for the HF hub route)" >&2
       exit 2
@@ -63,7 +66,7 @@ data_settings=(train "$DATA/train" valid "$DATA/val" test "$DATA/test_2016_flick
 if $smoke; then
   # The first lines of each split, so the smoke run needs nothing but the real corpus.
   mkdir -p "$OUT/data"
-  for lang in "$SRC" "$TGT"; do
+  for lang in "$SRC" "${TGTS[@]}"; do
     head -n 400 "$DATA/train.$lang" >"$OUT/data/train.$lang"
     head -n 40 "$DATA/val.$lang" >"$OUT/data/val.$lang"
     head -n 40 "$DATA/test_2016_flickr.$lang" >"$OUT/data/test_2016_flickr.$lang"
@@ -111,9 +114,15 @@ rm -rf "$OUT/export"
 nmt-moe average --last "$AVERAGE_N" "$OUT/train/checkpoints" -o "$OUT/averaged.ckpt"
 nmt-moe export "$OUT/averaged.ckpt" -o "$OUT/export"
 
-echo "== translate test_2016_flickr (beam $BEAM, alpha $ALPHA), score"
-nmt-moe translate -m "$OUT/export" -i "$DATA/test_2016_flickr.$SRC" -o "$OUT/test_2016_flickr.hyp.$TGT" \
-  --beam "$BEAM" --alpha "$ALPHA" --threads "$OMP_NUM_THREADS" --quiet
-nmt-moe evaluate -i "$OUT/test_2016_flickr.hyp.$TGT" -r "$DATA/test_2016_flickr.$TGT" | tee "$OUT/scores.txt"
+: >"$OUT/scores.txt"
+for tgt in "${TGTS[@]}"; do
+  tag=()
+  if ((${#TGTS[@]} > 1)); then tag=(--target-lang "$tgt"); fi
+  echo "== translate test_2016_flickr $SRC->$tgt (beam $BEAM, alpha $ALPHA), score"
+  nmt-moe translate -m "$OUT/export" -i "$DATA/test_2016_flickr.$SRC" -o "$OUT/test_2016_flickr.hyp.$tgt" \
+    --beam "$BEAM" --alpha "$ALPHA" --threads "$OMP_NUM_THREADS" --quiet "${tag[@]}"
+  echo "$SRC->$tgt" >>"$OUT/scores.txt"
+  nmt-moe evaluate -i "$OUT/test_2016_flickr.hyp.$tgt" -r "$DATA/test_2016_flickr.$tgt" | tee -a "$OUT/scores.txt"
+done
 echo "wall clock: $((SECONDS - start)) s" | tee -a "$OUT/scores.txt"
 echo "exported model: $OUT/export"
