@@ -84,7 +84,7 @@ def test_noisy_topk_losses_equal_hand_computed_values_on_a_fixed_input() -> None
         phi((-2 - 2) / std) + phi((0 - 1) / std),
     ]
     assert routing.load_estimate.tolist() == pytest.approx(load, abs=1e-6)
-    assert float(routing.losses["load"]) == pytest.approx(cv_squared(torch.tensor(load)).item(), rel=1e-5)
+    assert routing.losses["load"].item() == pytest.approx(cv_squared(torch.tensor(load)).item(), rel=1e-5)
 
 
 def test_smooth_load_estimate_tracks_the_true_top_k_counts() -> None:
