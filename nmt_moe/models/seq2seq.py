@@ -168,7 +168,7 @@ class Seq2Seq(nn.Module):
             tgt_embedding, hidden_size, decoder_layers, attention, input_feeding, dropout,
             decoder_moe_after, dec_ffns, tie_embeddings, PAD_ID,
         )  # fmt: skip
-        self._init_lstm_weights()
+        self._init_weights()
 
     @property
     def config(self) -> dict[str, Any]:
@@ -194,16 +194,19 @@ class Seq2Seq(nn.Module):
         """prev_tokens [N] -> StepOutput(log_probs [N, V], state, attention [N, S], expert_index)."""
         return self.decoder.step(prev_tokens, state, enc)
 
-    def _init_lstm_weights(self) -> None:
-        """Uniform(-0.1, 0.1) for the recurrent stack and embeddings (the usual LSTM-NMT init); MoE layers
+    def _init_weights(self) -> None:
+        """Uniform(-0.1, 0.1) for the recurrent stack and attention (the usual LSTM-NMT init); embeddings
+        N(0, embed_dim^-0.5), the scale that keeps tied output logits of order 1 at any width; MoE layers
         keep their own init."""
-        moe_params = {id(p) for m in [*self.encoder.moe, *self.decoder.moe] for p in m.parameters()}
+        embeddings = {self.encoder.embedding, self.decoder.embedding}
+        skip = {id(p) for m in [*self.encoder.moe, *self.decoder.moe, *embeddings] for p in m.parameters()}
         for p in self.parameters():
-            if id(p) not in moe_params:
+            if id(p) not in skip:
                 nn.init.uniform_(p, -0.1, 0.1)
-        with torch.no_grad():
-            self.encoder.embedding.weight[PAD_ID].zero_()
-            self.decoder.embedding.weight[PAD_ID].zero_()
+        for embedding in embeddings:
+            nn.init.normal_(embedding.weight, std=embedding.embedding_dim**-0.5)
+            with torch.no_grad():
+                embedding.weight[PAD_ID].zero_()
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
