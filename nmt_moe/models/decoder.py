@@ -83,7 +83,7 @@ class Decoder(nn.Module):
 
     def forward(self, tgt_in: Tensor, enc: EncoderOutput) -> tuple[Tensor, dict[str, MoEOutput]]:
         """Teacher forcing: tgt_in [B, T] -> logits [B, T, V], {"decoder.moe<i>": MoEOutput}."""
-        B, T = tgt_in.shape
+        T = tgt_in.shape[1]
         emb = self.dropout(self.embedding(tgt_in))  # [B, T, E]
         if self.input_feeding:
             state = self.init_state(enc)
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
         if self.input_feeding:
             h, c = self.bottom(torch.cat([emb, state.context], dim=-1), (state.hidden[0], state.cell[0]))
         else:
-            out, (h, c) = self.bottom(emb.unsqueeze(1), (state.hidden[:1], state.cell[:1]))
+            _, (h, c) = self.bottom(emb.unsqueeze(1), (state.hidden[:1], state.cell[:1]))
             h, c = h[0], c[0]
         context, weights = self.attention(h.unsqueeze(1), enc.keys, enc.memory, enc.mask)  # [N,1,H], [N,1,S]
         mask = (prev_tokens != self.pad_id).unsqueeze(1)  # [N, 1]
