@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,12 +49,12 @@ class Seq2SeqConfig:
     hidden_size: int = 256
     encoder_layers: int = 2
     decoder_layers: int = 2
-    attention: str = "general"
+    attention: Literal["general", "dot", "additive"] = "general"
     input_feeding: bool = True
     dropout: float = 0.2
     tie_embeddings: bool = True
     share_embeddings: bool = True
-    ffn: str = "moe"
+    ffn: Literal["moe", "dense", "none"] = "moe"
     encoder_moe_after: list[int] = field(default_factory=lambda: [1])
     decoder_moe_after: list[int] = field(default_factory=lambda: [1])
     num_experts: int = 8
@@ -125,12 +125,12 @@ class Seq2Seq(nn.Module):
         hidden_size: int = 256,
         encoder_layers: int = 2,
         decoder_layers: int = 2,
-        attention: str = "general",
+        attention: Literal["general", "dot", "additive"] = "general",
         input_feeding: bool = True,
         dropout: float = 0.2,
         tie_embeddings: bool = True,
         share_embeddings: bool = True,
-        ffn: str = "moe",
+        ffn: Literal["moe", "dense", "none"] = "moe",
         encoder_moe_after: Sequence[int] = (1,),
         decoder_moe_after: Sequence[int] = (1,),
         num_experts: int = 8,
