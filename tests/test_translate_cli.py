@@ -180,3 +180,37 @@ def test_stdin_to_stdout_without_lightning(checkpoint: Path) -> None:
     out = done.stdout.decode("utf-8")
     assert out.count("\n") == 3 and out.split("\n")[1] == ""
     assert done.stderr == b""  # no progress bar for stdin
+
+
+@pytest.mark.slow
+def test_real_training_checkpoint_export_translate_average(tmp_path: Path) -> None:
+    """The whole path users take: `nmt-moe train` (tiny_copy recipe) -> export / average -> translate."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    options = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    make_data = [sys.executable, str(root / "recipes/tiny_copy/make_data.py"), "data/tiny_copy"]
+    subprocess.run(make_data, check=True, **options)
+    train = [
+        sys.executable,
+        "-m",
+        "nmt_moe.cli",
+        "train",
+        "fit",
+        "--config",
+        str(root / "recipes/tiny_copy/config.yaml"),
+    ]
+    done = subprocess.run(train, **options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoints = sorted((tmp_path / "runs/tiny_copy/checkpoints").glob("*.ckpt"))
+    last = tmp_path / "runs/tiny_copy/checkpoints/last.ckpt"
+    assert main(["export", str(last), "-o", str(tmp_path / "bundle")]) == 0
+    source = tmp_path / "data/tiny_copy/test.src"
+    assert run("-m", last, "-i", source, "-o", tmp_path / "a.txt", "--quiet") == 0
+    assert run("-m", tmp_path / "bundle", "-i", source, "-o", tmp_path / "b.txt", "--quiet") == 0
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text()
+    assert main(["average", "-o", str(tmp_path / "avg.ckpt"), *map(str, checkpoints)]) == 0
+    assert run("-m", tmp_path / "avg.ckpt", "-i", source, "-o", tmp_path / "c.txt", "--quiet") == 0
+    # the recipe trains copying to (near) perfection, so the translation is the source
+    reference = (tmp_path / "data/tiny_copy/test.tgt").read_text().splitlines()
+    hypotheses = (tmp_path / "a.txt").read_text().splitlines()
+    assert sum(h == r for h, r in zip(hypotheses, reference, strict=True)) >= 0.9 * len(reference)
