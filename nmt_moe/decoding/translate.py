@@ -99,9 +99,7 @@ def encode_sources(
         ids = [*prefix, *ids]
         if len(ids) + 1 > max_input_tokens:
             if warn is not None:
-                warn(
-                    f"line {number}: {len(ids) + 1} tokens, truncated to --max-input-tokens={max_input_tokens}"
-                )
+                warn(f"line {number}: {len(ids) + 1} tokens, truncated to the first {max_input_tokens}")
             ids = ids[: max_input_tokens - 1]
         sources.append([*ids, EOS_ID])
     return sources
