@@ -24,7 +24,8 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def log_dir(trainer: pl.Trainer) -> Path:
-    """Where files of this run go: the logger's directory, else the trainer's root directory."""
+    """Where files of this run go: the logger's directory, else the trainer's root directory.
+    Call it on every rank: `trainer.log_dir` broadcasts rank 0's answer."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
@@ -130,6 +131,7 @@ class ExpertLoadMonitor(pl.Callback):
     def draw(self, trainer: pl.Trainer) -> list[Path]:
         """Writes one heat-map PNG per MoE layer (expert x logged step, colour = load share) and sends it
         to W&B when a `WandbLogger` is attached. Returns the files written (none on ranks other than 0)."""
+        out_dir = log_dir(trainer) / "expert_load"  # on every rank: trainer.log_dir is a collective call
         if not trainer.is_global_zero or not self.steps:
             return []
         import matplotlib
@@ -138,7 +140,6 @@ class ExpertLoadMonitor(pl.Callback):
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
-        out_dir = log_dir(trainer) / "expert_load"
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for layer, rows in sorted(self.history.items()):

@@ -105,8 +105,7 @@ class TranslationModule(pl.LightningModule):
         )
         aux = sum((out.aux_loss for out in moe.values()), start=ce.new_zeros(()))
         loss = ce + aux
-        n_tokens = int((target != PAD_ID).sum())
-        log = {"batch_size": n_tokens, "on_step": True, "on_epoch": False}
+        log = {"batch_size": target.shape[0], "on_step": True, "on_epoch": False}  # step values, unweighted
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log("train/ce", ce, **log)
         self.log("train/acc", token_accuracy(logits, target), **log)
@@ -191,11 +190,14 @@ class TranslationModule(pl.LightningModule):
         self._decoded += zip(batch["index"][keep].tolist(), hypotheses, strict=True)
 
     def _evaluation_epoch_end(self, prefix: str, split: str) -> None:
+        # Every value below is already global (torchmetrics and the gather sync across ranks); sync_dist
+        # averages identical numbers and keeps Lightning from warning about epoch-level logs under DDP.
+        log = {"sync_dist": True}
         nll = self.eval_metrics["nll"].compute()
-        self.log(f"{prefix}/loss", self.eval_metrics["loss"].compute(), prog_bar=True)
-        self.log(f"{prefix}/nll", nll)
-        self.log(f"{prefix}/ppl", nll.exp())
-        self.log(f"{prefix}/acc", self.eval_metrics["acc"].compute())
+        self.log(f"{prefix}/loss", self.eval_metrics["loss"].compute(), prog_bar=True, **log)
+        self.log(f"{prefix}/nll", nll, **log)
+        self.log(f"{prefix}/ppl", nll.exp(), **log)
+        self.log(f"{prefix}/acc", self.eval_metrics["acc"].compute(), **log)
         for metric in self.eval_metrics.values():
             metric.reset()
 
@@ -211,8 +213,8 @@ class TranslationModule(pl.LightningModule):
         references = datamodule.references(split)
         refs = [references[index] for index, _ in decoded]
         scores = score([hyp for _, hyp in decoded], refs)
-        self.log(f"{prefix}/bleu", scores.bleu, prog_bar=True)
-        self.log(f"{prefix}/chrf", scores.chrf)
+        self.log(f"{prefix}/bleu", scores.bleu, prog_bar=True, **log)
+        self.log(f"{prefix}/chrf", scores.chrf, **log)
         sources = datamodule.sources(split)
         self.val_samples = [
             {"source": sources[index], "hypothesis": hyp, "reference": references[index]}
