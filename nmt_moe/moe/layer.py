@@ -23,6 +23,7 @@ from nmt_moe.moe.gates import (
     SoftmaxTopKGate,
     expert_counts,
 )
+from nmt_moe.moe.parallel import ExpertParallel, global_routing, run_sharded_experts
 
 GateName = Literal["noisy_topk", "batchwise", "softmax_topk", "switch", "sigmoid", "hierarchical"]
 
@@ -116,6 +117,7 @@ class MoELayer(nn.Module):
         if loss_free_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts))  # saved: inference routes with it
             self.register_buffer("load_since_update", torch.zeros(num_experts), persistent=False)
+        self.expert_parallel: ExpertParallel | None = None  # set by parallel.shard_experts
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
         """x [..., d_model]; mask [...] bool, True = real token (padding is neither routed nor counted)."""
@@ -128,12 +130,14 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, self.d_model)  # [M, d]
         rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)  # [N]
         tokens = flat if rows is None else flat.index_select(0, rows)  # [N, d]
-        if tokens.shape[0] == 0:
+        if tokens.shape[0] == 0 and self.expert_parallel is None:  # expert parallel: join the collectives
             return self._empty_output(x)
 
         with torch.autocast(device_type=x.device.type, enabled=False):  # gating math in fp32
             routing = self.gate(tokens.float(), self.expert_bias if self.loss_free_bias else None)
         load = expert_counts(routing.expert_index, self.num_experts)  # [E]
+        if self.expert_parallel is not None:  # statistics and balancing losses of the global batch
+            routing, load = global_routing(routing, load)
         if self.loss_free_bias and self.training:
             self.load_since_update += load
         routed, dropped = self._run_experts(tokens, routing)  # [N, d]
@@ -184,7 +188,10 @@ class MoELayer(nn.Module):
             )
             plan, dropped = apply_capacity(plan, capacity)
         x_sorted = tokens.index_select(0, plan.token)  # [A, d]
-        out_sorted = self.experts(x_sorted, plan.counts)  # [A, d]
+        if self.expert_parallel is None:
+            out_sorted = self.experts(x_sorted, plan.counts)  # [A, d]
+        else:  # the experts live on several ranks: all-to-all there and back
+            out_sorted = run_sharded_experts(self.experts, x_sorted, plan.counts, self.expert_parallel)
         if self.normalize_expert_output:  # sigmoid gate: unit-RMS expert outputs, the gate sets the magnitude
             out_sorted = out_sorted * torch.rsqrt(out_sorted.pow(2).mean(-1, keepdim=True) + 1e-6)
         return combine(out_sorted, plan, num_tokens), dropped

@@ -1,0 +1,369 @@
+"""Expert parallelism on torch.distributed: each rank holds a shard of every MoE layer's experts.
+
+The layout (Shazeer et al., 2017, section 3.1: data parallel for everything but the experts, model parallel
+for the experts). With W ranks and expert-parallel size P (W divisible by P):
+
+    expert-parallel groups   consecutive blocks of P ranks {0..P-1}, {P..2P-1}, ...; rank i of a block
+                             holds experts [i·E/P, (i+1)·E/P) of every MoE layer
+    replica groups           the W/P ranks that hold the same shard (data-parallel copies of one shard)
+
+One MoE call, on every rank (the layer's sorted dispatch, with the exchange at its seam):
+
+    x_sorted [A, d], counts [E]   this rank's assignments, sorted by global expert
+      -> all_to_all of counts     how many rows every source sends to each of my local experts
+      -> all_to_all of rows       uneven splits; rows arrive grouped by source, then by local expert
+      -> regroup by local expert, run the E/P local experts on contiguous slices, undo the regrouping
+      -> all_to_all back          each row returns to the rank (and position) it came from
+
+The row exchanges are autograd functions whose backward is the reverse exchange (torch's own in
+`torch.distributed.nn.functional` is deprecated in torch 2.13). Every rank makes the same collective calls in
+the same order whatever its routing, so a rank that sends or receives no rows (or has no tokens at all)
+takes part with empty tensors instead of hanging.
+
+Gradients. DDP averages replicated parameters over the W ranks, i.e. it differentiates mean_r L_r. A
+local expert's gradient after backward is Σ over the ranks of its group of ∂L_r/∂W (their rows came to it),
+so `finish_expert_grads` sums it over the replica group and divides by W: the same mean. The balancing losses
+use per-expert statistics all-reduced over the whole world (differentiably), so they are the losses of the
+global batch. Gradient clipping uses the true global norm (`clip_grad_norm_`).
+
+Checkpoints hold full [E, ...] expert tensors (`gather_expert_state`), so they do not depend on the layout;
+`shard_expert_state` slices them for this rank on load: re-sharding to any P, including one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from nmt_moe.moe.experts import Experts
+from nmt_moe.moe.losses import cv_squared
+
+if TYPE_CHECKING:
+    from nmt_moe.moe.gates import Routing
+    from nmt_moe.moe.layer import MoELayer
+
+# Gates whose balancing losses are built from per-expert sums (importance, smooth load estimate) that can be
+# all-reduced into the global batch's statistics. The others need per-token data of the whole batch.
+SUPPORTED_GATES = ("noisy_topk",)
+
+
+@dataclass(frozen=True)
+class ExpertParallel:
+    """This rank's place in the layout (see the module docstring)."""
+
+    size: int  # P: ranks that share one full set of experts
+    rank: int  # this rank's index in its expert-parallel group = which shard it holds
+    group: Any  # ProcessGroup of the P ranks of this block
+    replicas: int  # W / P ranks hold each shard
+    replica_group: Any  # ProcessGroup of the ranks holding this shard (None when replicas == 1)
+    world_size: int  # W
+
+    def shard(self, num_experts: int) -> slice:
+        """The global experts this rank holds."""
+        per_rank = num_experts // self.size
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def init_expert_parallel(expert_parallel_size: int) -> ExpertParallel:
+    """Create the process groups (a collective call: every rank must call it, in the same order)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"expert_parallel_size={expert_parallel_size} needs torch.distributed to be initialised "
+            "(train with strategy=ddp on several devices, or under torchrun / SLURM)"
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = expert_parallel_size
+    if size < 1 or world % size:
+        raise ValueError(f"expert_parallel_size must divide the world size {world}, got {size}")
+    replicas = world // size
+    group = replica_group = None
+    for block in range(replicas):  # new_group is collective: all ranks create all groups
+        ranks = list(range(block * size, (block + 1) * size))
+        created = dist.new_group(ranks)
+        if rank in ranks:
+            group = created
+    if replicas > 1:
+        for shard in range(size):
+            ranks = list(range(shard, world, size))
+            created = dist.new_group(ranks)
+            if rank in ranks:
+                replica_group = created
+    return ExpertParallel(size, rank % size, group, replicas, replica_group, world)
+
+
+# --- the exchange ---------------------------------------------------------------------------------------
+
+
+def run_sharded_experts(experts: Experts, x_sorted: Tensor, counts: list[int], ep: ExpertParallel) -> Tensor:
+    """x_sorted [A, d] sorted by global expert, counts [E] -> expert outputs [A, d] in the same order, the
+    experts living on the ranks of `ep.group` (this rank holds `experts`, E/P of them)."""
+    num_local = experts.num_experts
+    send_counts = torch.tensor(counts, dtype=torch.long, device=x_sorted.device)  # [E] = [P·L]
+    recv_counts = torch.empty_like(send_counts)  # [P·L]: from each source, rows for each local expert
+    dist.all_to_all_single(recv_counts, send_counts, group=ep.group)
+    recv_counts = recv_counts.view(ep.size, num_local)  # [P sources, L local experts]
+    send_splits = send_counts.view(ep.size, num_local).sum(1).tolist()  # rows to each destination
+    recv_splits = recv_counts.sum(1).tolist()  # rows from each source
+
+    x_recv = exchange(x_sorted, recv_splits, send_splits, ep.group)  # [R, d], by source then local expert
+    local_expert = torch.arange(num_local, device=x_sorted.device).repeat(ep.size)  # [P·L]
+    local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1))  # [R]
+    order = torch.argsort(local_expert, stable=True)  # [R] regroups rows by local expert
+    out_local = experts(x_recv.index_select(0, order), recv_counts.sum(0).tolist())  # [R, d]
+    out_recv = torch.zeros_like(out_local).index_copy(0, order, out_local)  # back to arrival order
+    return exchange(out_recv, send_splits, recv_splits, ep.group)  # [A, d]
+
+
+def exchange(x: Tensor, recv_splits: list[int], send_splits: list[int], group: Any) -> Tensor:
+    """Differentiable all_to_all of rows with uneven splits: x [sum(send_splits), ...] -> [sum(recv_splits),
+    ...]; its backward sends the gradients back the same way."""
+    return _AllToAll.apply(x, recv_splits, send_splits, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, recv_splits, send_splits, group):  # type: ignore[override]
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        recv_splits, send_splits = ctx.splits
+        return _AllToAll.apply(grad, send_splits, recv_splits, ctx.group), None, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over all ranks; the gradient of every rank's copy flows back to every input (a sum as well)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _AllReduceSum.apply(grad.contiguous())
+
+
+def global_routing(routing: Routing, load: Tensor) -> tuple[Routing, Tensor]:
+    """The routing's per-expert statistics and balancing losses over the global batch (all ranks).
+
+    importance and the smooth load estimate are all-reduced with autograd, so every rank holds the global
+    losses and their gradients reach each rank's gate through its own tokens. `load` (hard counts) is summed
+    without gradient. Every rank must call this once per MoE call (it is a collective).
+    """
+    importance = _AllReduceSum.apply(routing.importance)  # [E]
+    load_estimate = _AllReduceSum.apply(routing.load_estimate)  # [E]
+    load = load.clone()
+    dist.all_reduce(load)
+    losses = {**routing.losses, "importance": cv_squared(importance), "load": cv_squared(load_estimate)}
+    routing = type(routing)(routing.expert_index, routing.gate_weight, importance, losses, load_estimate)
+    return routing, load
+
+
+# --- sharding the model -----------------------------------------------------------------------------------
+
+
+def moe_layers(module: nn.Module) -> Iterator[tuple[str, MoELayer]]:
+    from nmt_moe.moe.layer import MoELayer  # here: layer.py imports this module
+
+    for name, child in module.named_modules():
+        if isinstance(child, MoELayer):
+            yield name, child
+
+
+def expert_parameter_names(module: nn.Module) -> list[str]:
+    """Names (as in `module.named_parameters()`) of every MoE layer's expert weights: the sharded ones."""
+    return [
+        f"{name}.experts.{param}" if name else f"experts.{param}"
+        for name, layer in moe_layers(module)
+        for param, _ in layer.experts.named_parameters()
+    ]
+
+
+def shard_experts(module: nn.Module, ep: ExpertParallel) -> None:
+    """Keep only this rank's shard of every MoE layer's experts (in place: the Parameter objects stay, so an
+    optimizer built before or after sees the same ones) and switch the layers to the all-to-all exchange.
+
+    All ranks must hold the same full weights before (same seed, or loaded from one checkpoint).
+    """
+    for name, layer in moe_layers(module):
+        if layer.expert_parallel is not None:
+            continue  # already sharded
+        where = name or "MoELayer"
+        if layer.gate_name not in SUPPORTED_GATES:
+            raise ValueError(
+                f"{where}: gate {layer.gate_name!r} cannot be expert-parallel; expert parallelism supports "
+                f"{SUPPORTED_GATES} (their balancing losses are all-reduced over the global batch)"
+            )
+        if layer.capacity_factor is not None:
+            raise ValueError(f"{where}: expert parallelism needs dropless routing (capacity_factor=None)")
+        if layer.num_experts % ep.size:
+            raise ValueError(
+                f"{where}: num_experts={layer.num_experts} is not divisible by expert_parallel_size={ep.size}"
+            )
+        shard = ep.shard(layer.num_experts)
+        for param in layer.experts.parameters():
+            param.data = param.data[shard].clone()
+        layer.experts.num_experts = shard.stop - shard.start
+        layer.expert_parallel = ep
+
+
+def unshard_experts(module: nn.Module) -> None:
+    """Gather every MoE layer's full expert bank onto this rank and run locally again (collective).
+
+    Used around evaluation, where ranks decode different numbers of steps and could not meet in all_to_all.
+    `shard_experts` afterwards restores the identical shard.
+    """
+    for _, layer in moe_layers(module):
+        ep = layer.expert_parallel
+        if ep is None:
+            continue
+        for param in layer.experts.parameters():
+            param.data = _all_gather_cat(param.data, ep.group, ep.size)
+        layer.experts.num_experts = layer.num_experts
+        layer.expert_parallel = None
+
+
+def _all_gather_cat(shard: Tensor, group: Any, size: int) -> Tensor:
+    """[E/P, ...] shards of the P ranks of `group`, concatenated in rank order -> [E, ...]."""
+    parts = [torch.empty_like(shard) for _ in range(size)]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+# --- gradients --------------------------------------------------------------------------------------------
+
+
+def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The expert weights of the MoE layers that are currently sharded."""
+    return [
+        p
+        for _, layer in moe_layers(module)
+        if layer.expert_parallel is not None
+        for p in layer.experts.parameters()
+    ]
+
+
+def finish_expert_grads(params: Iterable[nn.Parameter], ep: ExpertParallel) -> None:
+    """After backward: sum expert-shard gradients over the replicas of the shard and divide by the world
+    size, matching DDP's mean over ranks for everything else (see the module docstring)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if ep.replica_group is not None:
+            dist.all_reduce(p.grad, group=ep.replica_group)
+        p.grad.div_(ep.world_size)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    params: Iterable[nn.Parameter], sharded: Iterable[nn.Parameter], max_norm: float, ep: ExpertParallel
+) -> Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole model when expert weights are sharded.
+
+    `params`: every parameter this rank holds (replicated and sharded); `sharded`: the expert shards.
+    Global norm² = Σ replicated grads² (identical on every rank after DDP) + Σ over the expert-parallel
+    group of each shard's grads² (summed, not averaged). Returns the global norm (before clipping).
+    """
+    params = [p for p in params if p.grad is not None]
+    sharded_ids = {id(p) for p in sharded}
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+    replicated_sq = torch.zeros((), device=device)
+    sharded_sq = torch.zeros((), device=device)
+    for p in params:
+        sq = p.grad.detach().float().pow(2).sum()
+        if id(p) in sharded_ids:
+            sharded_sq += sq
+        else:
+            replicated_sq += sq
+    dist.all_reduce(sharded_sq, group=ep.group)
+    total = (replicated_sq + sharded_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # the same formula as torch's clip_grad_norm_
+    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return total
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+
+def gather_expert_state(state_dict: dict[str, Tensor], module: nn.Module, prefix: str = "") -> None:
+    """Replace this rank's expert shards in `state_dict` (keys `prefix` + parameter name) by the full
+    [E, ...] tensors gathered from the expert-parallel group (collective: every rank calls it)."""
+    for name, layer in moe_layers(module):
+        ep = layer.expert_parallel
+        if ep is None:
+            continue
+        for param, _ in layer.experts.named_parameters():
+            key = f"{prefix}{name}.experts.{param}"
+            state_dict[key] = _all_gather_cat(state_dict[key], ep.group, ep.size)
+
+
+def shard_expert_state(state_dict: dict[str, Tensor], module: nn.Module, prefix: str = "") -> None:
+    """Slice the full [E, ...] expert tensors in `state_dict` to the shards `module` holds (in place).
+
+    A checkpoint written with any layout loads into any other, including one process (nothing to do).
+    """
+    for name, layer in moe_layers(module):
+        ep = layer.expert_parallel
+        if ep is None:
+            continue
+        for param, _ in layer.experts.named_parameters():
+            key = f"{prefix}{name}.experts.{param}"
+            if key in state_dict and state_dict[key].shape[0] == layer.num_experts:
+                state_dict[key] = state_dict[key][ep.shard(layer.num_experts)].clone()
+
+
+def _optimizer_shard_states(
+    optimizer_state: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module
+) -> Iterator[tuple[dict[str, Any], MoELayer]]:
+    """(state entry of `optimizer_state`, its layer) for every sharded expert parameter."""
+    owner = {
+        id(p): layer
+        for _, layer in moe_layers(module)
+        if layer.expert_parallel
+        for p in layer.experts.parameters()
+    }
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in owner and index in optimizer_state["state"]:
+                yield optimizer_state["state"][index], owner[id(p)]
+            index += 1
+
+
+def gather_optimizer_state(
+    optimizer_state: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module
+) -> None:
+    """Full [E, ...] tensors for the per-expert optimizer state (Adam moments, Adafactor factors) of the
+    expert shards in `optimizer_state` (an `optimizer.state_dict()`); collective."""
+    for entry, layer in _optimizer_shard_states(optimizer_state, optimizer, module):
+        ep = layer.expert_parallel
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() and value.shape[0] == layer.experts.num_experts:
+                entry[key] = _all_gather_cat(value, ep.group, ep.size)
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+    """Slice full [E, ...] per-expert optimizer state (as a checkpoint holds it, after
+    `optimizer.load_state_dict`) to this rank's shards, in the live optimizer."""
+    for _, layer in moe_layers(module):
+        if layer.expert_parallel is None:
+            continue
+        shard = layer.expert_parallel.shard(layer.num_experts)
+        for p in layer.experts.parameters():
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.dim() and value.shape[0] == layer.num_experts:
+                    state[key] = value[shard].clone()
