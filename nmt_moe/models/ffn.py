@@ -28,7 +28,12 @@ def build_ffn(
     if ffn == "dense":
         per_token = k * (options.get("k_group", 1) if gate == "hierarchical" else 1)
         per_token += options.get("num_shared_experts", 0)
-        return FeedForward(d_model, per_token * d_hidden, activation=options.get("activation", "relu"))
+        return FeedForward(
+            d_model,
+            per_token * d_hidden,
+            activation=options.get("activation", "relu"),
+            bias=options.get("ffn_bias", False),  # match the experts, which are bias-free by default
+        )
     raise ValueError(f"ffn must be 'moe' or 'dense' to build a layer, got {ffn!r}")
 
 
