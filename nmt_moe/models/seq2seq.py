@@ -198,7 +198,8 @@ class Seq2Seq(nn.Module):
         """Uniform(-0.1, 0.1) for the recurrent stack and attention (the usual LSTM-NMT init); embeddings
         N(0, embed_dim^-0.5), the scale that keeps tied output logits of order 1 at any width; MoE layers
         keep their own init."""
-        embeddings = {self.encoder.embedding, self.decoder.embedding}
+        # a list, not a set: a set's order follows memory addresses and would make the init vary by process
+        embeddings = list(dict.fromkeys([self.encoder.embedding, self.decoder.embedding]))
         skip = {id(p) for m in [*self.encoder.moe, *self.decoder.moe, *embeddings] for p in m.parameters()}
         for p in self.parameters():
             if id(p) not in skip:
