@@ -128,3 +128,141 @@ def test_sharded_layer_matches_one_process(tmp_path: Path, skewed: bool, empty_r
         torch.testing.assert_close(torch.cat([r[name] for r in ranks]), ref[name], atol=1e-5, rtol=1e-5)
     # the gate is replicated: the sum of the ranks' grads (which DDP averages) is the reference's
     torch.testing.assert_close(sum(r["gate_grad"] for r in ranks), ref["gate_grad"], atol=1e-5, rtol=1e-5)
+
+
+def _clip_worker(rank: int, world: int, out_dir: Path) -> None:
+    ep = parallel.init_expert_parallel(world)
+    replicated, full_expert = clip_grads()
+    shard = torch.nn.Parameter(full_expert.detach()[ep.shard(EXPERTS)].clone())
+    shard.grad = full_expert.grad[ep.shard(EXPERTS)].clone()
+    norm = parallel.clip_grad_norm_([replicated, shard], [shard], 1.0, ep)
+    torch.save({"norm": norm, "replicated": replicated.grad, "shard": shard.grad}, out_dir / f"clip{rank}.pt")
+
+
+def clip_grads() -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """A replicated parameter and a full expert bank with gradients; the experts dominate the norm and
+    their squared norms differ between the two shards."""
+    torch.manual_seed(3)
+    replicated = torch.nn.Parameter(torch.zeros(5))
+    replicated.grad = torch.randn(5)
+    experts = torch.nn.Parameter(torch.zeros(EXPERTS, 3))
+    experts.grad = torch.randn(EXPERTS, 3) * torch.tensor([[1.0], [2.0], [5.0], [9.0]])
+    return replicated, experts
+
+
+def test_clipping_with_sharded_experts_uses_the_global_norm(tmp_path: Path) -> None:
+    spawn(_clip_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"clip{r}.pt") for r in range(WORLD)]
+    replicated, experts = clip_grads()
+    norm = torch.nn.utils.clip_grad_norm_([replicated, experts], 1.0)
+    assert norm > 5  # clipping is active
+    for r in ranks:
+        torch.testing.assert_close(r["norm"], norm)
+        torch.testing.assert_close(r["replicated"], replicated.grad)
+    torch.testing.assert_close(torch.cat([r["shard"] for r in ranks]), experts.grad)
+
+
+# --- training steps through Lightning's DDP strategy ------------------------------------------------
+
+VOCAB, STEPS, CLIP = 24, 2, 0.05
+
+
+def make_module(expert_parallel_size: int) -> Any:
+    """A small MoE Seq2Seq in a TranslationModule: no dropout, no gate noise, random (diverse) routers."""
+    from nmt_moe.models import Seq2Seq
+    from nmt_moe.training.module import TranslationModule
+
+    torch.manual_seed(0)
+    model = Seq2Seq(
+        VOCAB, embed_dim=8, hidden_size=8, attention="dot", input_feeding=False, dropout=0.0,
+        num_experts=4, k=2, d_hidden=16, moe_options={"noise": False, "w_importance": 0.1, "w_load": 0.1},
+    )  # fmt: skip
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MoELayer):
+                module.gate.w_gate.normal_()
+    return TranslationModule(
+        model, label_smoothing=0.1, lr=0.01, warmup_steps=0, schedule="constant", val_max_sentences=0,
+        expert_parallel_size=expert_parallel_size,
+    )  # fmt: skip
+
+
+def make_batches(world: int) -> list[list[dict[str, torch.Tensor]]]:
+    """batches[step][rank]; every rank's targets have the same number of real tokens, so the mean loss over
+    the concatenated batch is the mean of the ranks' losses."""
+    torch.manual_seed(2)
+    out = []
+    for _ in range(STEPS):
+        per_rank = []
+        for _ in range(world):
+            lengths = torch.tensor([5, 3, 4])
+            src = torch.randint(4, VOCAB, (3, 5))
+            src[1, 3:] = 0
+            src[2, 4:] = 0
+            tgt = torch.randint(4, VOCAB, (3, 6))
+            tgt[:, 0] = 2  # BOS
+            per_rank.append({"src": src, "src_lengths": lengths, "tgt": tgt, "index": torch.arange(3)})
+        out.append(per_rank)
+    return out
+
+
+def concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def run_training(module: Any, batches: list[dict[str, torch.Tensor]], **trainer_args: Any) -> dict[str, Any]:
+    """Fit for len(batches) steps; returns the losses and, after the last step, the full weights and the
+    (clipped) gradients, expert shards gathered."""
+    import pytorch_lightning as pl
+
+    record: dict[str, Any] = {"loss": []}
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            record["loss"].append(outputs["loss"].detach())
+            grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            if pl_module._expert_parallel is not None:
+                parallel.gather_expert_state(grads, pl_module)
+                parallel.gather_expert_state(params, pl_module)
+            record["grads"], record["params"] = grads, params
+
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=len(batches), gradient_clip_val=CLIP, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[Record()],
+        **trainer_args,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    record["loss"] = torch.stack(record["loss"])
+    return record
+
+
+def _lightning_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
+    """Started like torchrun starts a rank: Lightning sees LOCAL_RANK and joins instead of launching."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+        LOCAL_RANK=str(rank), RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    batches = [step[rank] for step in make_batches(world)]
+    record = run_training(make_module(world), batches, strategy="ddp", devices=world)
+    torch.save(record, out_dir / f"train{rank}.pt")
+
+
+def test_expert_parallel_training_steps_match_one_process(tmp_path: Path) -> None:
+    mp.spawn(_lightning_worker, args=(WORLD, free_port(), tmp_path), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"train{r}.pt") for r in range(WORLD)]
+    reference = run_training(make_module(1), [concat(step) for step in make_batches(WORLD)], devices=1)
+
+    ep_loss = torch.stack([r["loss"] for r in ranks]).mean(0)  # DDP's objective: the mean of rank losses
+    torch.testing.assert_close(ep_loss, reference["loss"], atol=1e-5, rtol=1e-5)
+    grad_norm = torch.cat([g.reshape(-1) for g in reference["grads"].values()]).norm()
+    assert grad_norm == pytest.approx(CLIP, rel=1e-3)  # the step was clipped (to CLIP)
+    for rank in ranks:
+        assert rank["params"].keys() == reference["params"].keys()
+        for name, value in reference["params"].items():
+            torch.testing.assert_close(rank["params"][name], value, atol=1e-5, rtol=1e-5, msg=name)
+        for name, value in reference["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], value, atol=1e-6, rtol=1e-4, msg=name)

@@ -19,7 +19,7 @@ from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.evaluation import score
 from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import MoELayer
+from nmt_moe.moe import MoELayer, parallel
 from nmt_moe.training.schedules import Schedule, lr_multiplier
 
 CHECKPOINT_VERSION = 1
@@ -44,6 +44,7 @@ class TranslationModule(pl.LightningModule):
         val_max_len_a: float = 1.5,
         val_max_len_b: int = 10,
         num_val_samples: int = 8,
+        expert_parallel_size: int = 1,
     ) -> None:
         """
         Args:
@@ -62,6 +63,9 @@ class TranslationModule(pl.LightningModule):
                 score with BLEU/chrF; 0 skips decoding (then do not monitor `val/bleu`).
             val_max_len_a, val_max_len_b: greedy output is at most `a * source_length + b` tokens.
             num_val_samples: sample translations kept for the W&B table after each validation.
+            expert_parallel_size: split every MoE layer's experts across this many ranks (all-to-all
+                exchange; must divide the world size and num_experts; see docs/PARALLEL.md). 1 = every rank
+                holds all experts (plain data parallel). Checkpoints hold full expert tensors either way.
         """
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -70,6 +74,8 @@ class TranslationModule(pl.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if val_max_sentences < 0:
             raise ValueError(f"val_max_sentences must be >= 0, got {val_max_sentences}")
+        if expert_parallel_size < 1:
+            raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
         # Check the schedule now, not at the first step (cosine without max_steps uses the trainer's total).
@@ -85,6 +91,7 @@ class TranslationModule(pl.LightningModule):
             {name: MeanMetric() for name in ("loss", "nll", "acc")}
         )  # token-weighted means over an evaluation epoch, synced across ranks
         self._decoded: list[tuple[int, str]] = []  # (index in split, hypothesis)
+        self._expert_parallel: parallel.ExpertParallel | None = None  # set in configure_model
         self.val_samples: list[dict[str, str]] = []
 
     # ---- training -------------------------------------------------------------------------------------
@@ -127,6 +134,49 @@ class TranslationModule(pl.LightningModule):
         }
         return {"loss": loss, "moe": stats}  # "moe" feeds the ExpertLoadMonitor callback
 
+    # ---- expert parallelism (docs/PARALLEL.md; a no-op with expert_parallel_size=1) -----------------------
+
+    def configure_model(self) -> None:
+        """Shard the experts once torch.distributed is up and before DDP wraps the module; DDP must neither
+        average nor broadcast the shards."""
+        if self.hparams.expert_parallel_size == 1 or self._expert_parallel is not None:
+            return
+        self._expert_parallel = parallel.init_expert_parallel(self.hparams.expert_parallel_size)
+        parallel.shard_experts(self.model, self._expert_parallel)
+        names = parallel.expert_parameter_names(self.model)
+        self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name in names]
+
+    def on_after_backward(self) -> None:
+        if self._expert_parallel is not None:  # shard grads: sum over replicas, mean over ranks like DDP
+            parallel.finish_expert_grads(parallel.sharded_parameters(self.model), self._expert_parallel)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """With sharded experts, norm clipping uses the global norm (shards' squares summed over ranks)."""
+        if self._expert_parallel is None or not gradient_clip_val or gradient_clip_algorithm == "value":
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sharded = parallel.sharded_parameters(self.model)
+        parallel.clip_grad_norm_(params, sharded, gradient_clip_val, self._expert_parallel)
+
+    def on_train_start(self) -> None:
+        if self._expert_parallel is not None:  # a resumed checkpoint holds full per-expert optimizer state
+            for optimizer in self.trainer.optimizers:
+                parallel.shard_optimizer_state(optimizer, self.model)
+
+    def on_validation_epoch_start(self) -> None:
+        parallel.unshard_experts(self.model)  # ranks decode different numbers of steps: run experts locally
+
+    def on_test_epoch_start(self) -> None:
+        parallel.unshard_experts(self.model)
+
+    def _reshard_experts(self) -> None:
+        if self._expert_parallel is not None:
+            parallel.shard_experts(self.model, self._expert_parallel)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         for layer in self.moe_layers:
@@ -158,9 +208,11 @@ class TranslationModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val", "valid")
+        self._reshard_experts()
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test", "test")
+        self._reshard_experts()
 
     def _evaluation_step(self, batch: dict[str, Tensor]) -> None:
         logits, _ = self(batch)  # [B, T, V]
@@ -230,6 +282,16 @@ class TranslationModule(pl.LightningModule):
             "model_config": self.model.config,
             "tokenizer": self._tokenizer().to_bytes(),
         }
+        if self._expert_parallel is not None:  # full expert tensors: the checkpoint fits any layout
+            parallel.gather_expert_state(checkpoint["state_dict"], self.model, prefix="model.")
+            states = checkpoint.get("optimizer_states", [])  # absent from weights-only checkpoints
+            for state, optimizer in zip(states, self.trainer.optimizers[: len(states)], strict=True):
+                parallel.gather_optimizer_state(state, optimizer, self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Slice the checkpoint's full expert tensors to this rank's shards (re-sharding to any layout)."""
+        if self._expert_parallel is not None:
+            parallel.shard_expert_state(checkpoint["state_dict"], self.model, prefix="model.")
 
     def _tokenizer(self) -> Tokenizer:
         datamodule = getattr(self.trainer, "datamodule", None)
