@@ -69,8 +69,13 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
 # --- reading -----------------------------------------------------------------------------------------------
 
 
-def _torch_load(path: Path) -> Any:
-    """torch.load with weights_only=True, turning its many failure modes into one clear ModelLoadError."""
+def load_weights_only(path: str | Path) -> Any:
+    """torch.load with weights_only=True, turning its many failure modes into one clear ModelLoadError.
+
+    Lightning's checkpoint plugin (`nmt_moe.training.faults.SafeCheckpointIO`) loads through this too, so
+    no entry point ever unpickles arbitrary objects.
+    """
+    path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such file (pass a training checkpoint or an export directory)")
     try:
@@ -121,12 +126,12 @@ def read_model_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ModelLoadError(f"{path / CONFIG_FILE}: not valid JSON ({error})") from error
         section = _nmt_moe_section(section, path / CONFIG_FILE)
-        state = _torch_load(path / WEIGHTS_FILE)
+        state = load_weights_only(path / WEIGHTS_FILE)
         if not isinstance(state, dict):
             raise ModelLoadError(f"{path / WEIGHTS_FILE}: not a state dict")
         return section["model_config"], state, (path / TOKENIZER_FILE).read_bytes()
 
-    checkpoint = _torch_load(path)
+    checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ModelLoadError(f"{path}: not a training checkpoint (no state_dict)")
     section = _nmt_moe_section(checkpoint.get("nmt_moe"), path)
@@ -166,6 +171,44 @@ def build_model(config: dict[str, Any], state: dict[str, Tensor], tokenizer_byte
             f"{config.get('vocab_size')}; tokenizer and weights come from different runs"
         )
     return model.eval(), tokenizer
+
+
+def check_resumable(
+    checkpoint: dict[str, Any], model: Seq2Seq, tokenizer: Tokenizer | None, where: str | Path
+) -> None:
+    """Refuse, in one line, a training checkpoint that does not fit the model and tokenizer being trained.
+
+    Without this, resuming with another config dies deep inside `load_state_dict` (size-mismatch traceback),
+    and resuming with another SentencePiece model of the same size silently trains on ids that now mean
+    other pieces.
+    """
+    where = Path(where)
+    section = _nmt_moe_section(checkpoint.get("nmt_moe"), where)
+    saved, now = section["model_config"], model.config
+    state = {
+        key[len(MODEL_PREFIX) :]: value
+        for key, value in checkpoint.get("state_dict", {}).items()
+        if key.startswith(MODEL_PREFIX)
+    }
+    own = model.state_dict()
+    if state.keys() != own.keys() or any(state[key].shape != own[key].shape for key in own):
+        changed = [f"{key}={saved.get(key)!r} there, {now.get(key)!r} here" for key in sorted(saved.keys() |
+                   now.keys()) if saved.get(key) != now.get(key)]  # fmt: skip
+        reason = "; ".join(changed[:4]) or "different parameters"
+        raise ModelLoadError(
+            f"{where}: its weights do not fit this model ({reason}); "
+            "resume with the model settings the checkpoint was trained with"
+        )
+    saved_tokenizer = section.get("tokenizer")
+    if tokenizer is not None and isinstance(saved_tokenizer, bytes):
+        saved_pieces = Tokenizer.from_bytes(saved_tokenizer).sp
+        if saved_pieces.get_piece_size() != tokenizer.vocab_size or any(
+            saved_pieces.id_to_piece(i) != tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)
+        ):
+            raise ModelLoadError(
+                f"{where}: was trained with another SentencePiece vocabulary than the data module's; point "
+                "data.cache_dir at the prepared data of the run that wrote the checkpoint"
+            )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2Seq, Tokenizer]:
@@ -244,7 +287,7 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     last: dict[str, Any] = {}
     reference_config = None
     for path in map(Path, paths):
-        checkpoint = _torch_load(path)
+        checkpoint = load_weights_only(path)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ModelLoadError(f"{path}: not a training checkpoint (no state_dict)")
         config = _nmt_moe_section(checkpoint.get("nmt_moe"), path)["model_config"]

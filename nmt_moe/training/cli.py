@@ -8,13 +8,19 @@ Subcommands `fit`, `validate`, `test` (and `--print_config`) come from Lightning
   bar (`--throughput.*`) and W&B sample tables;
 - the logger is W&B, offline unless an API key is configured; `--wandb off` switches to a CSV logger, and any
   `--trainer.logger` replaces it (`--trainer.logger false` logs nothing);
-- the full parsed config is written beside the logs and sent to the loggers' hyper-parameters.
+- the full parsed config is written beside the logs and sent to the loggers' hyper-parameters;
+- fault handling (`nmt_moe/training/faults.py`): checkpoints written atomically and loaded weights_only,
+  SIGINT/SIGTERM save `last.ckpt` and stop (`--interrupt.*`, exit code 128 + signal), non-finite steps are
+  skipped and too many in a row stop the run (`--nonfinite.*`, exit code 3), per-step seeding for exact
+  resumes (`--step_seed.*`); an unusable checkpoint is a one-line error (exit code 2).
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import signal
+import sys
 from pathlib import Path
 
 WANDB_MODES = ("auto", "online", "offline", "off")
@@ -48,9 +54,18 @@ def train_main(argv: list[str]) -> int:
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
     from pytorch_lightning.loggers import WandbLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from nmt_moe.checkpoint import ModelLoadError
     from nmt_moe.data.datamodule import TranslationDataModule
     from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
+    from nmt_moe.training.faults import (
+        GracefulInterrupt,
+        NonFiniteGuard,
+        SafeCheckpointIO,
+        StepSeed,
+        exit_code,
+    )
     from nmt_moe.training.module import TranslationModule
 
     class SaveConfigToLoggers(SaveConfigCallback):
@@ -107,6 +122,9 @@ def train_main(argv: list[str]) -> int:
             parser.add_lightning_class_args(ExpertLoadMonitor, "expert_load")
             parser.add_lightning_class_args(TokensPerSecond, "throughput")
             parser.add_lightning_class_args(SampleTranslations, "samples")
+            parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
+            parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+            parser.add_lightning_class_args(StepSeed, "step_seed")
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
@@ -125,27 +143,35 @@ def train_main(argv: list[str]) -> int:
             if logger.init_args.get("save_dir") in (None, "."):
                 logger.init_args.save_dir = root
 
-    cli = TrainCLI(
-        TranslationModule,
-        TranslationDataModule,
-        args=argv,
-        save_config_callback=SaveConfigToLoggers,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "default_root_dir": "runs",
-            "precision": default_precision(),
-            "gradient_clip_val": 1.0,
-            "use_distributed_sampler": False,  # the data module's batch sampler shards across ranks itself
-            "logger": {
-                "class_path": "pytorch_lightning.loggers.WandbLogger",
-                "init_args": {"project": "nmt-moe"},
+    try:
+        cli = TrainCLI(
+            TranslationModule,
+            TranslationDataModule,
+            args=argv,
+            save_config_callback=SaveConfigToLoggers,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "default_root_dir": "runs",
+                "precision": default_precision(),
+                "gradient_clip_val": 1.0,
+                "use_distributed_sampler": False,  # the data module's batch sampler shards across ranks
+                "plugins": [SafeCheckpointIO()],  # atomic checkpoint writes, weights_only loads
+                "logger": {
+                    "class_path": "pytorch_lightning.loggers.WandbLogger",
+                    "init_args": {"project": "nmt-moe"},
+                },
             },
-        },
-        seed_everything_default=1234,
-        auto_configure_optimizers=False,
-        parser_kwargs={"prog": "nmt-moe train"},
-    )
+            seed_everything_default=1234,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "nmt-moe train"},
+        )
+    except ModelLoadError as error:  # corrupt, unsafe or mismatched checkpoint given as --ckpt_path
+        print(f"nmt-moe train: error: {error}", file=sys.stderr)
+        return 2
+    except SIGTERMException:  # before training started (GracefulInterrupt handles it from then on)
+        print("nmt-moe train: SIGTERM before training started; nothing saved", file=sys.stderr)
+        return 128 + signal.SIGTERM
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # flush the run now, so train_main can run again in one process
-    return 0
+    return exit_code(cli.trainer)
