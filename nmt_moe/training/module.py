@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from nmt_moe.checkpoint import check_resumable
 from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.evaluation import score
@@ -289,7 +290,12 @@ class TranslationModule(pl.LightningModule):
                 parallel.gather_optimizer_state(state, optimizer, self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Slice the checkpoint's full expert tensors to this rank's shards (re-sharding to any layout)."""
+        """Refuse a checkpoint of another model or vocabulary (one-line error instead of a size-mismatch
+        traceback); slice its full expert tensors to this rank's shards (re-sharding to any layout)."""
+        trainer = self._trainer  # None under load_from_checkpoint
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        where = getattr(trainer, "ckpt_path", None) or "checkpoint"
+        check_resumable(checkpoint, self.model, tokenizer, where)
         if self._expert_parallel is not None:
             parallel.shard_expert_state(checkpoint["state_dict"], self.model, prefix="model.")
 
