@@ -190,7 +190,8 @@ def check_resumable(
         for key, value in checkpoint.get("state_dict", {}).items()
         if key.startswith(MODEL_PREFIX)
     }
-    own = model.state_dict()
+    with torch.device("meta"):  # full (unsharded) shapes, whatever expert parallelism did to `model`
+        own = Seq2Seq(**now).state_dict()
     if state.keys() != own.keys() or any(state[key].shape != own[key].shape for key in own):
         changed = [f"{key}={saved.get(key)!r} there, {now.get(key)!r} here" for key in sorted(saved.keys() |
                    now.keys()) if saved.get(key) != now.get(key)]  # fmt: skip
