@@ -77,6 +77,10 @@ class TranslationModule(pl.LightningModule):
             raise ValueError(f"val_max_sentences must be >= 0, got {val_max_sentences}")
         if expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
+        for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+            if layer.num_experts % expert_parallel_size:  # fail now, not after data preparation
+                raise ValueError(f"expert_parallel_size={expert_parallel_size} must divide num_experts="
+                                 f"{layer.num_experts}")  # fmt: skip
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
         # Check the schedule now, not at the first step (cosine without max_steps uses the trainer's total).
