@@ -26,6 +26,10 @@ from pathlib import Path
 WANDB_MODES = ("auto", "online", "offline", "off")
 
 
+class ConfigError(Exception):
+    """A setting that cannot work; reported in one line before training starts."""
+
+
 def wandb_api_key_configured() -> bool:
     """True when W&B could log online: `WANDB_API_KEY` is set or ~/.netrc has an api.wandb.ai entry."""
     if os.environ.get("WANDB_API_KEY"):
@@ -126,6 +130,18 @@ def train_main(argv: list[str]) -> int:
             parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
             parser.add_lightning_class_args(StepSeed, "step_seed")
 
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except ValueError as error:  # a bad setting (k > num_experts, unknown gate, ...), named by it
+                raise ConfigError(str(error)) from error
+
+        def before_fit(self) -> None:
+            world, size = self.trainer.world_size, self.model.hparams.get("expert_parallel_size", 1)
+            if world % size:
+                raise ConfigError(f"model.expert_parallel_size={size} must divide the world size {world} "
+                                  "(trainer.devices x trainer.num_nodes)")  # fmt: skip
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             logger = config.trainer.logger
@@ -165,6 +181,9 @@ def train_main(argv: list[str]) -> int:
             auto_configure_optimizers=False,
             parser_kwargs={"prog": "nmt-moe train"},
         )
+    except ConfigError as error:
+        print(f"nmt-moe train: error: bad config: {error}", file=sys.stderr)
+        return 2
     except ModelLoadError as error:  # corrupt, unsafe or mismatched checkpoint given as --ckpt_path
         print(f"nmt-moe train: error: {error}", file=sys.stderr)
         return 2
