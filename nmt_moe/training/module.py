@@ -173,10 +173,17 @@ class TranslationModule(pl.LightningModule):
                 parallel.shard_optimizer_state(optimizer, self.model)
 
     def on_validation_epoch_start(self) -> None:
-        parallel.unshard_experts(self.model)  # ranks decode different numbers of steps: run experts locally
+        self._gather_experts_for_decoding()
 
     def on_test_epoch_start(self) -> None:
-        parallel.unshard_experts(self.model)
+        self._gather_experts_for_decoding()
+
+    def _gather_experts_for_decoding(self) -> None:
+        """Ranks greedy-decode different numbers of steps and could not meet in the all-to-all: each rank
+        gets the full expert bank for the evaluation epoch (memory: all experts on every rank). Without
+        decoding (val_max_sentences=0) evaluation stays sharded: every rank has as many batches."""
+        if self.hparams.val_max_sentences > 0:
+            parallel.unshard_experts(self.model)
 
     def _reshard_experts(self) -> None:
         if self._expert_parallel is not None:
