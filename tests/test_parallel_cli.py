@@ -7,6 +7,7 @@ Run with `python -m pytest -q -m distributed tests/test_parallel_cli.py` (desele
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import socket
@@ -72,14 +73,21 @@ def train_2_ranks(data: Path, root: Path, epochs: int, *extra: str) -> subproces
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two epochs of 6 steps on 2 processes (an epoch, then a resume from last.ckpt); returns (data, root)."""
+    """Two epochs of 6 steps on 2 processes: an epoch validated by greedy BLEU (experts gathered), then a
+    resume from last.ckpt validated by loss only (experts stay sharded); returns (data, root)."""
     data = write_copy_task(tmp_path_factory.mktemp("data"))
     root = tmp_path_factory.mktemp("run")
     first = train_2_ranks(data, root, 1)
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = train_2_ranks(data, root, 2, "--ckpt_path", "last")
+    by_loss = ["--model.val_max_sentences", "0", "--checkpoint.monitor", "val/loss",
+               "--checkpoint.mode", "min", "--early_stopping.monitor", "val/loss",
+               "--early_stopping.mode", "min"]  # fmt: skip
+    resumed = train_2_ranks(data, root, 2, "--ckpt_path", "last", *by_loss)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr
+    for version, key in ((0, "val/bleu"), (1, "val/loss")):
+        with open(root / "csv" / f"version_{version}" / "metrics.csv") as f:
+            assert any(row.get(key) for row in csv.DictReader(f)), (version, key)
     return data, root
 
 
