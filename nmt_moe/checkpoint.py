@@ -80,11 +80,16 @@ def load_weights_only(path: str | Path) -> Any:
         raise ModelLoadError(f"{path}: no such file (pass a training checkpoint or an export directory)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # weights_only refused a non-tensor object
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(
-            f"{path}: holds objects that cannot be loaded safely with weights_only=True ({first_line}); "
-            "re-export it with `nmt-moe export` from a trusted environment"
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused:  # weights_only refused to import a class or function: never unpickle such a file
+            raise ModelLoadError(
+                f"{path}: holds objects that cannot be loaded safely with weights_only=True ({refused[1]}); "
+                "re-export it with `nmt-moe export` from a trusted environment"
+            ) from error
+        raise ModelLoadError(  # garbage bytes also end up in the (legacy) unpickler
+            f"{path}: not a readable PyTorch file, probably truncated or corrupt (UnpicklingError); "
+            "use another checkpoint or re-save it"
         ) from error
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise ModelLoadError(

@@ -60,7 +60,7 @@ def train_main(argv: list[str]) -> int:
     from pytorch_lightning.loggers import WandbLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from nmt_moe.checkpoint import ModelLoadError
+    from nmt_moe.checkpoint import ModelLoadError, load_weights_only
     from nmt_moe.data.datamodule import TranslationDataModule
     from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
     from nmt_moe.training.faults import (
@@ -129,6 +129,15 @@ def train_main(argv: list[str]) -> int:
             parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
             parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
             parser.add_lightning_class_args(StepSeed, "step_seed")
+
+        def _parse_ckpt_path(self) -> None:
+            """LightningCLI reads `--ckpt_path`'s hyper-parameters with a bare torch.load (weights_only): on
+            failure, load it again through our loader, which says in one line what is wrong."""
+            try:
+                super()._parse_ckpt_path()
+            except Exception:
+                load_weights_only(self.config[self.config.subcommand].ckpt_path)  # raises ModelLoadError
+                raise
 
         def instantiate_classes(self) -> None:
             try:

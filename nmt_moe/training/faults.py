@@ -30,7 +30,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from nmt_moe.checkpoint import atomic_write, load_weights_only
+from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_weights_only
 from nmt_moe.moe import MoELayer
 
 EXIT_NONFINITE = 3  # stopped by NonFiniteGuard
@@ -55,7 +55,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, weights_only=True)
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return load_weights_only(path)  # raises ModelLoadError with a one-line reason
+        checkpoint = load_weights_only(path)  # raises ModelLoadError with a one-line reason
+        if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+            raise ModelLoadError(
+                f"{path}: not a checkpoint written by `nmt-moe train` (no Lightning trainer state); "
+                "training resumes from the run's checkpoints/last.ckpt"
+            )
+        return checkpoint
 
 
 def _save_dir(trainer: pl.Trainer, dirpath: str | None) -> Path:
