@@ -239,7 +239,7 @@ def run_training(module: Any, batches: list[dict[str, torch.Tensor]], **trainer_
     return record
 
 
-def _lightning_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
+def _lightning_worker(rank: int, world: int, port: int, out_dir: Path, expert_parallel_size: int) -> None:
     """Started like torchrun starts a rank: Lightning sees LOCAL_RANK and joins instead of launching."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
@@ -247,14 +247,20 @@ def _lightning_worker(rank: int, world: int, port: int, out_dir: Path) -> None:
     )  # fmt: skip
     torch.set_num_threads(1)
     batches = [step[rank] for step in make_batches(world)]
-    record = run_training(make_module(world), batches, strategy="ddp", devices=world)
+    record = run_training(make_module(expert_parallel_size), batches, strategy="ddp", devices=world)
     torch.save(record, out_dir / f"train{rank}.pt")
 
 
-def test_expert_parallel_training_steps_match_one_process(tmp_path: Path) -> None:
-    mp.spawn(_lightning_worker, args=(WORLD, free_port(), tmp_path), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"train{r}.pt") for r in range(WORLD)]
-    reference = run_training(make_module(1), [concat(step) for step in make_batches(WORLD)], devices=1)
+@pytest.mark.parametrize(
+    ("world", "expert_parallel_size"), [(2, 2), (4, 2)], ids=["2-ranks-ep2", "4-ranks-ep2-2-replicas"]
+)
+def test_expert_parallel_training_steps_match_one_process(
+    tmp_path: Path, world: int, expert_parallel_size: int
+) -> None:
+    args = (world, free_port(), tmp_path, expert_parallel_size)
+    mp.spawn(_lightning_worker, args=args, nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"train{r}.pt") for r in range(world)]
+    reference = run_training(make_module(1), [concat(step) for step in make_batches(world)], devices=1)
 
     ep_loss = torch.stack([r["loss"] for r in ranks]).mean(0)  # DDP's objective: the mean of rank losses
     torch.testing.assert_close(ep_loss, reference["loss"], atol=1e-5, rtol=1e-5)
