@@ -2,7 +2,7 @@
 
 Reads each run's CSV log (`<run>/train/csv/version_*/metrics.csv`, written with `--wandb off`, as the
 Multi30k recipes do) for `val/bleu` by step. The CSV has no clock, so steps become minutes at the run's mean
-pace: from the start of training (the log's hparams.yaml) to its newest checkpoint.
+pace: from the start of training (the log's hparams.yaml) to its newest `step=N` checkpoint.
 
     python scripts/plot_val_bleu.py moe=runs/multi30k_en_de dense=runs/multi30k_dense -o docs/val_bleu.png
 """
@@ -40,7 +40,9 @@ def val_bleu(metrics: Path) -> list[tuple[int, float]]:
 def minutes_per_step(metrics: Path) -> float:
     """Mean wall-clock minutes per training step (validation included): hparams.yaml to newest checkpoint."""
     start = (metrics.parent / "hparams.yaml").stat().st_mtime
-    checkpoints = list(metrics.parents[2].glob("checkpoints/*step=*.ckpt"))
+    checkpoints = [
+        p for d in ("average", "checkpoints") for p in metrics.parents[2].glob(f"{d}/*step=*.ckpt")
+    ]
     if not checkpoints:
         raise FileNotFoundError(f"{metrics.parents[2]}/checkpoints: no step=N checkpoints to time the run")
     newest = max(checkpoints, key=lambda p: p.stat().st_mtime)

@@ -29,8 +29,8 @@ SRC="${SRC:-en}"
 read -r -a TGTS <<<"${TGT:-de}"
 BEAM=5
 ALPHA=0.6
-AVERAGE_N=4
-SAVE_EVERY=100
+AVERAGE_N=3
+SAVE_EVERY=50
 
 smoke=false
 positional=()
@@ -80,13 +80,14 @@ if $smoke; then
   AVERAGE_N=2
   SAVE_EVERY=4
 fi
-# Periodic checkpoints named step=N (what `nmt-moe average --last` orders by), the newest AVERAGE_N kept.
+# Periodic checkpoints named step=N (what `nmt-moe average --last` orders by), the newest AVERAGE_N kept,
+# in a directory of their own (the best-by-BLEU and last.ckpt checkpoints must not enter the average).
 cat >"$OUT/average_checkpoints.yaml" <<YAML
 trainer:
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
       init_args:
-        dirpath: $OUT/train/checkpoints
+        dirpath: $OUT/train/average
         filename: "avg-{step}"
         monitor: step
         mode: max
@@ -105,13 +106,13 @@ echo "== prepare"
 nmt-moe prepare --config "$CONFIG" "${prepare_flags[@]}"
 
 echo "== train"
-rm -rf "$OUT/train/checkpoints"
+rm -rf "$OUT/train/checkpoints" "$OUT/train/average"
 nmt-moe train fit "${configs[@]}" "${train_data_flags[@]}" \
   --trainer.default_root_dir "$OUT/train" --wandb "${WANDB:-off}" "${train_args[@]}"
 
 echo "== average the $AVERAGE_N latest checkpoints, export"
 rm -rf "$OUT/export"
-nmt-moe average --last "$AVERAGE_N" "$OUT/train/checkpoints" -o "$OUT/averaged.ckpt"
+nmt-moe average --last "$AVERAGE_N" "$OUT/train/average" -o "$OUT/averaged.ckpt"
 nmt-moe export "$OUT/averaged.ckpt" -o "$OUT/export"
 
 : >"$OUT/scores.txt"
