@@ -3,8 +3,8 @@
 Guarantees, in the order the work happens:
   1. all input bytes are read and every line decoded as UTF-8 first; a bad line stops the run with its
      line number before anything is written;
-  2. lines are split on "\\n" only (a trailing "\\r" of CRLF files is dropped too); an empty or blank line
-     becomes an empty output line without reaching the model;
+  2. lines are split on "\\n" only (a trailing "\\r" of CRLF files is dropped too); an empty line or one of
+     only (Unicode) whitespace becomes an empty output line without reaching the model;
   3. a line longer than `--max-input-tokens` is truncated, with a warning naming its line number;
   4. sentences are sorted by length and batched by `--max-tokens` (padded source tokens per batch; beam
      search multiplies the decoder batch by the beam size), results are put back in input order;
@@ -92,8 +92,8 @@ def encode_sources(
     if max_input_tokens < len(prefix) + 2:
         raise ValueError(f"max_input_tokens must leave room for a token and EOS, got {max_input_tokens}")
     sources = []
-    for number, ids in enumerate(tokenizer.encode(list(lines)), start=1):
-        if not ids:
+    for number, (line, ids) in enumerate(zip(lines, tokenizer.encode(list(lines)), strict=True), start=1):
+        if not ids or line.isspace():  # Unicode whitespace only (U+0085, U+2028, ...): nothing to translate
             sources.append([])
             continue
         ids = [*prefix, *ids]
