@@ -3,7 +3,7 @@ ends with the same weights, optimizer state and logged metrics as an uninterrupt
 
 Runs go through the real CLI in subprocesses (signals need a process of their own) on the tiny_copy recipe,
 CPU, fixed seed. SIGTERM is in the default suite; SIGINT and SIGKILL (resume from the last periodic
-checkpoint) are slow-marked.
+checkpoint) are slow-marked. In-process tests on a toy module check the handler itself.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
+from test_reliability_nonfinite import Regression
 from test_train_cli import RECIPE, write_copy_task
+
+from nmt_moe.training.faults import GracefulInterrupt, SafeCheckpointIO, exit_code
 
 MAX_STEPS, EVERY = 15, 3  # last.ckpt every 3 steps (and at the end); validation at step 10
 
@@ -136,3 +140,54 @@ def test_sigterm_saves_stops_and_resumes_exactly(copy_data: Path, tmp_path: Path
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_killed_run_resumes_exactly(signum: int, copy_data: Path, tmp_path: Path) -> None:
     interrupt_and_resume(copy_data, tmp_path, signum)
+
+
+# --- in-process: the handler itself -------------------------------------------------------------------------
+
+
+class SendSignal(pl.Callback):
+    """Delivers `signum` to this process `times` times during training batch `at`."""
+
+    def __init__(self, signum: int, at: int, times: int = 1) -> None:
+        self.signum, self.at, self.times = signum, at, times
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: object, batch: object, batch_idx: int
+    ) -> None:
+        if batch_idx == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(self.signum)
+
+
+def regression_trainer(tmp_path: Path, *callbacks: pl.Callback) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=8, callbacks=[GracefulInterrupt(dirpath=str(tmp_path)), *callbacks], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        plugins=[SafeCheckpointIO()],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_after_the_step_and_restores_handlers(signum: int, tmp_path: Path) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    trainer = regression_trainer(tmp_path, SendSignal(signum, at=3))
+    trainer.fit(*regression_data())
+    assert trainer.global_step == 4  # the step under way when the signal came was finished
+    assert exit_code(trainer) == 128 + signum
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_second_sigint_stops_at_once_without_saving(tmp_path: Path) -> None:
+    trainer = regression_trainer(tmp_path, SendSignal(signal.SIGINT, at=3, times=2))
+    with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt shutdown
+        trainer.fit(*regression_data())
+    assert trainer.global_step == 3 and not (tmp_path / "last.ckpt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def regression_data() -> tuple[pl.LightningModule, torch.utils.data.DataLoader]:
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    return Regression(set(), set()), torch.utils.data.DataLoader(data, batch_size=8)

@@ -121,7 +121,9 @@ class GracefulInterrupt(pl.Callback):
             print(f"\nnmt-moe train: {name}: saving a checkpoint after this step, then stopping "
                   f"({name} again stops at once without saving)", file=sys.stderr, flush=True)  # fmt: skip
             return
-        self._restore()  # second signal: the default action (KeyboardInterrupt / termination)
+        # second signal: Python's default action (KeyboardInterrupt / termination), not Lightning's handler
+        self._restore()
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         signal.raise_signal(signum)
 
     def on_train_batch_end(
