@@ -142,6 +142,25 @@ def test_killed_run_resumes_exactly(signum: int, copy_data: Path, tmp_path: Path
     interrupt_and_resume(copy_data, tmp_path, signum)
 
 
+@pytest.mark.distributed
+def test_sigterm_to_rank_0_stops_both_ddp_ranks_at_one_step(copy_data: Path, tmp_path: Path) -> None:
+    """Only the launching process gets the signal; the ranks agree (all-reduce) and save one checkpoint."""
+    ddp = ("--trainer.strategy", "ddp", "--trainer.devices", "2")
+    run = start(copy_data, tmp_path, *ddp)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    wait_for_checkpoint(last, EVERY, run)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=240)
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    saved_step = torch.load(last, weights_only=True)["global_step"]
+    assert f"saved {last} at step {saved_step}" in err and saved_step < MAX_STEPS
+    resumed = start(copy_data, tmp_path, *ddp, "--ckpt_path", "last")
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+    assert torch.load(last, weights_only=True)["global_step"] == MAX_STEPS
+
+
 # --- in-process: the handler itself -------------------------------------------------------------------------
 
 
