@@ -10,10 +10,10 @@ import torch
 from nmt_moe.moe import MoELayer
 from nmt_moe.moe.gates import NoisyTopKGate
 from nmt_moe.moe.losses import (
-    batchwise_threshold_loss,
+    batchwise_threshold_sum,
     cv_squared,
     prob_in_top_k,
-    router_z_loss,
+    router_z_sum,
     switch_balance_loss,
 )
 
@@ -46,22 +46,21 @@ def test_switch_balance_loss_and_z_loss_by_hand() -> None:
     load = torch.tensor([2, 1, 1])  # k = 2: four assignments
     mean_prob = [0.4, 0.4, 0.2]
     expected = 3 * (2 / 4 * mean_prob[0] + 1 / 4 * mean_prob[1] + 1 / 4 * mean_prob[2])
-    assert float(switch_balance_loss(probs, load, k=2)) == pytest.approx(expected)
+    assert float(switch_balance_loss(probs.sum(0), load, torch.tensor(2.0), k=2)) == pytest.approx(expected)
     uniform = torch.full((8, 4), 0.25)
-    assert float(switch_balance_loss(uniform, torch.tensor([4, 4, 4, 4]), k=2)) == pytest.approx(1.0)
+    balanced = switch_balance_loss(uniform.sum(0), torch.tensor([4, 4, 4, 4]), torch.tensor(8.0), k=2)
+    assert float(balanced) == pytest.approx(1.0)
     logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
-    expected_z = (math.log(2) ** 2 + (1 + math.log(2)) ** 2) / 2
-    assert float(router_z_loss(logits)) == pytest.approx(expected_z)
+    expected_z_sum = math.log(2) ** 2 + (1 + math.log(2)) ** 2
+    assert float(router_z_sum(logits)) == pytest.approx(expected_z_sum)
 
 
-def test_batchwise_threshold_loss_by_hand() -> None:
+def test_batchwise_threshold_sum_by_hand() -> None:
     scores = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
     batch_mask = torch.tensor([[True, False], [False, True]])
-    assert float(batchwise_threshold_loss(scores, torch.tensor([0.5, 0.5]), batch_mask)) == 0.0
-    # T_0 = 0.2 also lets token 1 into expert 0: (1 - 0) · (0.3 - 0.2), averaged over 2 tokens
-    assert float(batchwise_threshold_loss(scores, torch.tensor([0.2, 0.5]), batch_mask)) == pytest.approx(
-        0.05
-    )
+    assert float(batchwise_threshold_sum(scores, torch.tensor([0.5, 0.5]), batch_mask)) == 0.0
+    # T_0 = 0.2 also lets token 1 into expert 0: (1 - 0) · (0.3 - 0.2)
+    assert float(batchwise_threshold_sum(scores, torch.tensor([0.2, 0.5]), batch_mask)) == pytest.approx(0.1)
 
 
 def test_noisy_topk_losses_equal_hand_computed_values_on_a_fixed_input() -> None:
@@ -83,7 +82,7 @@ def test_noisy_topk_losses_equal_hand_computed_values_on_a_fixed_input() -> None
         phi((0 - 2) / std) + phi((1 - 0) / std),
         phi((-2 - 2) / std) + phi((0 - 1) / std),
     ]
-    assert routing.load_estimate.tolist() == pytest.approx(load, abs=1e-6)
+    assert routing.stats["load"].tolist() == pytest.approx(load, abs=1e-6)
     assert routing.losses["load"].item() == pytest.approx(cv_squared(torch.tensor(load)).item(), rel=1e-5)
 
 
@@ -97,12 +96,59 @@ def test_smooth_load_estimate_tracks_the_true_top_k_counts() -> None:
     estimates, counts = [], []
     for _ in range(10):  # average over noise draws: the estimate is the expectation of the count
         routing = gate(x)
-        estimates.append(routing.load_estimate)
+        estimates.append(routing.stats["load"].detach())
         counts.append(torch.bincount(routing.expert_index.reshape(-1), minlength=8).float())
     estimate, count = torch.stack(estimates).mean(0), torch.stack(counts).mean(0)
     assert float(count.std() / count.mean()) > 0.1  # the experts are not trivially balanced
     relative = (estimate - count).abs() / count
     assert float(relative.max()) < 0.03, relative
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(gate="noisy_topk", k=2),
+        dict(gate="noisy_topk", k=2, noise=False),
+        dict(gate="softmax_topk", k=2, loss_free_bias=True),
+        dict(gate="switch", k=1),
+        dict(gate="sigmoid", k=3),
+        dict(gate="hierarchical", k=2, num_groups=2, k_group=1),
+        dict(gate="hierarchical", k=2, num_groups=2, k_group=1, noise=False, loss_free_bias=True),
+    ],
+    ids=[
+        "noisy_topk",
+        "topk_no_noise",
+        "softmax_topk_bias",
+        "switch",
+        "sigmoid",
+        "hierarchical",
+        "hier_bias",
+    ],
+)
+def test_losses_of_summed_stats_of_two_parts_equal_the_losses_of_the_whole_batch(config: dict) -> None:
+    """What expert parallelism relies on: each rank's gate returns sums over its tokens, the ranks add them
+    up, and `gate.losses` of the sums is the loss of the concatenated batch. Eval mode samples no noise but
+    still computes the noisy gates' smooth load estimates, so both sides see the same routing."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 8, 8, **config).eval()
+    with torch.no_grad():
+        for param in layer.gate.parameters():
+            param.normal_(std=0.5)
+        if layer.loss_free_bias:
+            layer.expert_bias.normal_(std=0.3)
+    bias = layer.expert_bias if layer.loss_free_bias else None
+    x = torch.randn(40, 8)
+    with torch.no_grad():
+        whole = layer.gate(x, bias)
+        parts = [layer.gate(x[:15], bias), layer.gate(x[15:], bias)]
+    summed = {name: parts[0].stats[name] + parts[1].stats[name] for name in whole.stats}
+    losses = layer.gate.losses(summed)
+    assert losses.keys() == whole.losses.keys()
+    assert all(float(value) > 1e-3 for value in whole.losses.values())  # nothing trivially zero
+    for name, value in whole.losses.items():
+        torch.testing.assert_close(losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    local = layer.gate.losses(parts[0].stats)  # one part alone gives other losses
+    assert any(abs(float(local[name] - value)) > 1e-4 for name, value in whole.losses.items())
 
 
 def load_cv_after_training(**layer_kwargs) -> float:

@@ -45,13 +45,42 @@ def _worker(rank: int, world: int, port: int, fn: Any, args: tuple) -> None:
         dist.destroy_process_group()
 
 
-def make_layer(skewed: bool = False) -> MoELayer:
-    """Deterministic routing (no noise) over diverse experts; `skewed` sends every token to experts 0 and 1,
-    which live on rank 0."""
+GATE_CASES = {  # every gate, deterministic (no gate noise), every balancing loss switched on
+    "noisy_topk": dict(gate="noisy_topk", k=2, noise=False, w_importance=0.1, w_load=0.1),
+    "softmax_topk": dict(gate="softmax_topk", k=2, w_balance=0.1, w_z=0.1),
+    "switch": dict(gate="switch", k=1, w_balance=0.1, w_z=0.1),
+    "sigmoid": dict(gate="sigmoid", k=2, w_balance=0.1),
+    "batchwise": dict(gate="batchwise", k=2, w_importance=0.1, w_threshold=0.1),
+    "hierarchical": dict(
+        gate="hierarchical",
+        num_experts=8,
+        num_groups=2,
+        k_group=1,
+        k=2,
+        noise=False,
+        w_importance=0.1,
+        w_load=0.1,
+    ),  # fmt: skip
+    "shared_and_bias": dict(
+        gate="softmax_topk",
+        k=2,
+        w_balance=0.1,
+        num_shared_experts=1,
+        loss_free_bias=True,
+        bias_update_rate=0.1,
+    ),
+}
+
+
+def make_layer(case: str = "noisy_topk", skewed: bool = False) -> MoELayer:
+    """Deterministic routing over diverse experts; `skewed` (noisy_topk) sends every token to experts 0 and
+    1, which live on rank 0."""
     torch.manual_seed(0)
-    layer = MoELayer(D_MODEL, D_HIDDEN, EXPERTS, k=2, noise=False, w_importance=0.1, w_load=0.1)
+    layer = MoELayer(**{"d_model": D_MODEL, "d_hidden": D_HIDDEN, "num_experts": EXPERTS, **GATE_CASES[case]})
     with torch.no_grad():
-        layer.gate.w_gate.normal_()
+        for name, param in layer.gate.named_parameters():
+            if name.endswith("w_gate"):
+                param.normal_()
         if skewed:
             layer.gate.w_gate.zero_()
             layer.gate.w_gate[:, :2] = 1.0
@@ -72,24 +101,32 @@ def output_weights(world: int) -> torch.Tensor:
 def layer_step(
     layer: MoELayer, x: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, aux_scale: int = 1
 ) -> dict[str, Any]:
-    """Forward, loss = Σ weights · y (+ aux), backward; outputs and gradients."""
+    """Forward, loss = Σ weights · y (+ aux), backward, `update_bias()`; outputs, statistics, gradients."""
     x = x.clone().requires_grad_()
     out = layer(x, mask=mask)
     loss = (out.y * weights).sum() + aux_scale * out.aux_loss
     loss.backward()
+    layer.update_bias()
     return {
         "y": out.y.detach(),
         "x_grad": x.grad,
         "aux": out.aux_loss.detach(),
+        "losses": out.losses,
         "load": out.load,
-        "gate_grad": layer.gate.w_gate.grad.clone(),
+        "local_load": torch.bincount(out.expert_index[out.expert_index >= 0], minlength=layer.num_experts),
+        "bias": layer.expert_bias.clone() if layer.loss_free_bias else None,
+        "replicated_grads": {  # router, thresholds, shared experts
+            name: p.grad.clone() for name, p in layer.named_parameters() if not name.startswith("experts.")
+        },
         "w_in_grad": layer.experts.w_in.grad.clone(),
         "w_out_grad": layer.experts.w_out.grad.clone(),
     }
 
 
-def _layer_worker(rank: int, world: int, out_dir: Path, skewed: bool, empty_rank: int | None) -> None:
-    layer = make_layer(skewed)
+def _layer_worker(
+    rank: int, world: int, out_dir: Path, case: str, skewed: bool, empty_rank: int | None
+) -> None:
+    layer = make_layer(case, skewed)
     ep = parallel.init_expert_parallel(world)
     parallel.shard_experts(layer, ep)
     x = make_inputs(world, skewed)[rank * TOKENS : (rank + 1) * TOKENS]
@@ -101,14 +138,26 @@ def _layer_worker(rank: int, world: int, out_dir: Path, skewed: bool, empty_rank
     torch.save(result, out_dir / f"rank{rank}.pt")
 
 
+LAYER_CASES = [
+    ("noisy_topk", False, None),
+    ("noisy_topk", True, None),
+    *[(case, False, empty) for case in GATE_CASES for empty in (None, 1) if case != "noisy_topk"],
+    ("noisy_topk", False, 1),
+]
+
+
 @pytest.mark.parametrize(
-    ("skewed", "empty_rank"), [(False, None), (True, None), (False, 1)], ids=["spread", "skewed", "empty"]
+    ("case", "skewed", "empty_rank"),
+    LAYER_CASES,
+    ids=[f"{c}-{'skewed' if s else 'empty' if e is not None else 'spread'}" for c, s, e in LAYER_CASES],
 )
-def test_sharded_layer_matches_one_process(tmp_path: Path, skewed: bool, empty_rank: int | None) -> None:
-    spawn(_layer_worker, tmp_path, skewed, empty_rank)
+def test_sharded_layer_matches_one_process(
+    tmp_path: Path, case: str, skewed: bool, empty_rank: int | None
+) -> None:
+    spawn(_layer_worker, tmp_path, case, skewed, empty_rank)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    layer = make_layer(skewed)
+    layer = make_layer(case, skewed)
     mask = torch.ones(WORLD * TOKENS, dtype=torch.bool)
     if empty_rank is not None:
         mask[empty_rank * TOKENS : (empty_rank + 1) * TOKENS] = False
@@ -118,16 +167,29 @@ def test_sharded_layer_matches_one_process(tmp_path: Path, skewed: bool, empty_r
     y = torch.cat([r["y"] for r in ranks])
     torch.testing.assert_close(y, ref["y"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), ref["x_grad"], atol=1e-5, rtol=1e-5)
-    for r in ranks:  # global statistics on every rank
+    assert all(float(value) > 0 for value in ref["losses"].values())  # every balancing loss is in play
+    for r in ranks:  # global statistics and losses on every rank
         torch.testing.assert_close(r["aux"], ref["aux"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r["losses"], ref["losses"], atol=1e-6, rtol=1e-5)
         assert torch.equal(r["load"], ref["load"])
+    if empty_rank is None and not skewed:  # the ranks' own loads differ from the global one (so the
+        # checks above would catch per-rank statistics)
+        assert not torch.equal(ranks[0]["local_load"] * WORLD, ref["load"])
     if skewed:
         assert ref["load"][2:].sum() == 0  # nothing went to rank 1's experts
-    # expert shards: rank r holds experts [2r, 2r+2); their grads equal the reference's slices
+    if ref["bias"] is not None:  # loss-free bias: every rank nudges it from the global load
+        assert bool(ref["bias"].ne(0).any())
+        for r in ranks:
+            torch.testing.assert_close(r["bias"], ref["bias"], atol=0, rtol=0)
+    # expert shards: rank r holds the r-th half of the experts; their grads equal the reference's slices
     for name in ("w_in_grad", "w_out_grad"):
         torch.testing.assert_close(torch.cat([r[name] for r in ranks]), ref[name], atol=1e-5, rtol=1e-5)
-    # the gate is replicated: the sum of the ranks' grads (which DDP averages) is the reference's
-    torch.testing.assert_close(sum(r["gate_grad"] for r in ranks), ref["gate_grad"], atol=1e-5, rtol=1e-5)
+    # the gate (and shared experts) are replicated: the sum of the ranks' grads (which DDP averages) is the
+    # reference's
+    assert ref["replicated_grads"].keys() == ranks[0]["replicated_grads"].keys()
+    for name, grad in ref["replicated_grads"].items():
+        total = sum(r["replicated_grads"][name] for r in ranks)
+        torch.testing.assert_close(total, grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def _clip_worker(rank: int, world: int, out_dir: Path) -> None:

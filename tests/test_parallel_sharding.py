@@ -89,7 +89,6 @@ def test_full_optimizer_state_is_sliced_to_the_shard() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"gate": "softmax_topk"}, "gate 'softmax_topk' cannot be expert-parallel"),
         ({"capacity_factor": 1.0}, "dropless"),
         ({"num_experts": 3, "k": 1}, "num_experts=3 is not divisible by expert_parallel_size=2"),
     ],

@@ -1,8 +1,11 @@
 """Routers: each gate maps tokens [N, d_model] (fp32) to the experts they visit and the gate weights.
 
-A gate returns a `Routing` with unweighted losses; the layer weights and sums them. `bias` is the
-loss-free balancing bias (DeepSeek-V3): it is added to the scores used to *select* experts only, never to the
-gate weights. Every gate runs in fp32; the layer disables autocast around it.
+A gate returns a `Routing` with its balancing statistics as *sums over the tokens* (`stats`: importance,
+load estimates, summed router probabilities, token counts) and the unweighted losses computed from them by
+its `losses(stats)`. Expert parallelism all-reduces the sums over the ranks and calls `losses` again, so
+every loss is the loss of the global batch. The layer weights and sums the losses. `bias` is the loss-free
+balancing bias (DeepSeek-V3): it is added to the scores used to *select* experts only, never to the gate
+weights. Every gate runs in fp32; the layer disables autocast around it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from nmt_moe.moe.losses import (
-    batchwise_threshold_loss,
+    batchwise_threshold_sum,
     cv_squared,
     prob_in_top_k,
-    router_z_loss,
+    router_z_sum,
     softplus_noise_std,
     switch_balance_loss,
 )
@@ -30,9 +33,13 @@ class Routing:
 
     expert_index: Tensor  # [N, k] long; -1 = no expert (only the batchwise gate pads rows)
     gate_weight: Tensor  # [N, k] fp32; 0 where expert_index is -1
-    importance: Tensor  # [E] fp32: summed gate weights per expert
-    losses: dict[str, Tensor]  # unweighted balancing losses
-    load_estimate: Tensor | None = None  # [E] the differentiable load the "load" loss used (noisy gates)
+    stats: dict[str, Tensor]  # sums over the N tokens ("importance" [E] always); additive over ranks
+    losses: dict[str, Tensor]  # unweighted balancing losses, the gate's `losses(stats)`
+
+    @property
+    def importance(self) -> Tensor:
+        """[E] fp32: summed gate weights per expert."""
+        return self.stats["importance"]
 
 
 def expert_counts(expert_index: Tensor, num_experts: int) -> Tensor:
@@ -45,6 +52,11 @@ def importance_of(expert_index: Tensor, gate_weight: Tensor, num_experts: int) -
     """[E] fp32: Σ over tokens of each expert's gate weight (differentiable)."""
     index = expert_index.reshape(-1).clamp(min=0)  # padded slots carry weight 0
     return gate_weight.new_zeros(num_experts).index_add(0, index, gate_weight.reshape(-1))
+
+
+def _token_count(x: Tensor) -> Tensor:
+    """[] fp32: the number of tokens, as a statistic that sums over ranks."""
+    return x.new_tensor(float(x.shape[0]))
 
 
 def _with_bias(scores: Tensor, bias: Tensor | None) -> Tensor:
@@ -94,8 +106,11 @@ class NoisyTopKGate(nn.Module):
         else:
             selected = torch.zeros_like(selection, dtype=torch.bool).scatter_(1, expert_index, True)
             load = prob_in_top_k(_with_bias(clean, bias), selection, noise_std, selected, self.k).sum(0)
-        losses = {"importance": cv_squared(importance), "load": cv_squared(load)}
-        return Routing(expert_index, gate_weight, importance, losses, load_estimate=load)
+        stats = {"importance": importance, "load": load}  # load [E]: smooth estimate (no noise: hard counts)
+        return Routing(expert_index, gate_weight, stats, self.losses(stats))
+
+    def losses(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"importance": cv_squared(stats["importance"]), "load": cv_squared(stats["load"])}
 
 
 class SoftmaxTopKGate(nn.Module):
@@ -117,11 +132,18 @@ class SoftmaxTopKGate(nn.Module):
         gate_weight = probs.gather(1, expert_index)
         if self.renormalize:
             gate_weight = gate_weight / gate_weight.sum(dim=-1, keepdim=True)
-        load = expert_counts(expert_index, self.num_experts)
-        losses = {"balance": switch_balance_loss(probs, load, self.k), "z": router_z_loss(logits)}
-        return Routing(
-            expert_index, gate_weight, importance_of(expert_index, gate_weight, self.num_experts), losses
-        )
+        stats = {
+            "importance": importance_of(expert_index, gate_weight, self.num_experts),
+            "prob_sum": probs.sum(0),  # [E]
+            "counts": expert_counts(expert_index, self.num_experts).float(),  # [E]
+            "tokens": _token_count(x),
+            "z_sum": router_z_sum(logits),
+        }
+        return Routing(expert_index, gate_weight, stats, self.losses(stats))
+
+    def losses(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        balance = switch_balance_loss(stats["prob_sum"], stats["counts"], stats["tokens"], self.k)
+        return {"balance": balance, "z": stats["z_sum"] / stats["tokens"].clamp(min=1)}
 
 
 class SigmoidGate(nn.Module):
@@ -143,12 +165,18 @@ class SigmoidGate(nn.Module):
         scores = torch.sigmoid(x @ self.w_gate.float())  # [N, E]
         expert_index = _with_bias(scores, bias).topk(self.k, dim=-1).indices  # [N, k]
         gate_weight = scores.gather(1, expert_index)  # magnitudes, not renormalised
-        load = expert_counts(expert_index, self.num_experts)
         affinity = scores / scores.sum(dim=-1, keepdim=True)  # [N, E], rows sum to one
-        losses = {"balance": switch_balance_loss(affinity, load, self.k)}
-        return Routing(
-            expert_index, gate_weight, importance_of(expert_index, gate_weight, self.num_experts), losses
-        )
+        stats = {
+            "importance": importance_of(expert_index, gate_weight, self.num_experts),
+            "affinity_sum": affinity.sum(0),  # [E]
+            "counts": expert_counts(expert_index, self.num_experts).float(),  # [E]
+            "tokens": _token_count(x),
+        }
+        return Routing(expert_index, gate_weight, stats, self.losses(stats))
+
+    def losses(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        balance = switch_balance_loss(stats["affinity_sum"], stats["counts"], stats["tokens"], self.k)
+        return {"balance": balance}
 
 
 class BatchwiseGate(nn.Module):
@@ -160,6 +188,10 @@ class BatchwiseGate(nn.Module):
     Gate weights are the softmax scores renormalised over each token's experts. Losses: "importance" and
     "threshold" (the paper's batchwise loss that trains T). Rows of `expert_index` are padded with -1 to
     the largest count.
+
+    Under expert parallelism (`global_batch`, set by `parallel.shard_experts`) the batch is the global one:
+    N counts every rank's tokens and each expert takes the top m over all of them (exactly, through a
+    gather of every rank's local top-m scores, see `parallel.global_top_m_threshold`).
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int) -> None:
@@ -167,9 +199,14 @@ class BatchwiseGate(nn.Module):
         self.num_experts, self.k = num_experts, k
         self.w_gate = _router_weight(d_model, num_experts, zero=False)
         self.threshold = nn.Parameter(torch.full((num_experts,), 1.0 / num_experts))
+        self.global_batch = False  # True while the layer's experts are sharded over ranks
 
     def batch_mask(self, probs: Tensor) -> Tensor:
-        """[N, E] bool: each expert's top m = k·N/E tokens in the batch."""
+        """[N, E] bool: each expert's top m = k·N/E tokens in the batch (global batch if `global_batch`)."""
+        if self.global_batch:
+            from nmt_moe.moe.parallel import global_top_m_threshold  # here: parallel imports this module
+
+            return probs >= global_top_m_threshold(probs, self.k)  # [E] threshold broadcast over tokens
         num_tokens = probs.shape[0]
         m = max(1, self.k * num_tokens // self.num_experts)
         top_tokens = probs.topk(m, dim=0).indices  # [m, E]
@@ -182,16 +219,22 @@ class BatchwiseGate(nn.Module):
         mask = batch_mask if self.training else probs > threshold
         kept = probs * mask
         weights = kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-9)  # [N, E]; rows with no expert stay 0
-        width = max(int(mask.sum(dim=1).max()), 1)
+        width = max(int(mask.sum(dim=1).max()) if mask.shape[0] else 0, 1)
         order = mask.float().argsort(dim=1, descending=True, stable=True)[:, :width]  # selected experts first
         expert_index = torch.where(mask.gather(1, order), order, -1)  # [N, width]
         gate_weight = weights.gather(1, order)  # 0 in padded slots
-        importance = importance_of(expert_index, gate_weight, self.num_experts)
-        losses = {
-            "importance": cv_squared(importance),
-            "threshold": batchwise_threshold_loss(probs, threshold, batch_mask),
+        stats = {
+            "importance": importance_of(expert_index, gate_weight, self.num_experts),
+            "threshold_sum": batchwise_threshold_sum(probs, threshold, batch_mask),
+            "tokens": _token_count(x),
         }
-        return Routing(expert_index, gate_weight, importance, losses)
+        return Routing(expert_index, gate_weight, stats, self.losses(stats))
+
+    def losses(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            "importance": cv_squared(stats["importance"]),
+            "threshold": stats["threshold_sum"] / stats["tokens"].clamp(min=1),
+        }
 
 
 class HierarchicalGate(nn.Module):
@@ -236,24 +279,34 @@ class HierarchicalGate(nn.Module):
         local_weight = noisy.gather(2, local_index).softmax(dim=-1)  # [N, G, k]
 
         chosen = group_index.unsqueeze(-1).expand(n, self.k_group, self.k)  # [N, kg, k]
-        expert_index = (chosen * size + local_index.gather(1, chosen)).reshape(n, -1)  # [N, kg·k]
-        gate_weight = (group_weight.unsqueeze(-1) * local_weight.gather(1, chosen)).reshape(n, -1)
-        importance = importance_of(expert_index, gate_weight, self.num_experts)
-
+        width = self.k_group * self.k  # explicit, not -1: N may be 0 on an expert-parallel rank
+        expert_index = (chosen * size + local_index.gather(1, chosen)).reshape(n, width)  # [N, kg·k]
+        gate_weight = (group_weight.unsqueeze(-1) * local_weight.gather(1, chosen)).reshape(n, width)
+        stats = {
+            "importance": importance_of(expert_index, gate_weight, self.num_experts),
+            "importance_primary": primary.stats["importance"],  # [G]
+            "load_primary": primary.stats["load"],  # [G] smooth estimate (hard counts if no noise)
+        }
         if noise_std is None:
-            load = expert_counts(expert_index, self.num_experts).float()
+            stats["load"] = expert_counts(expert_index, self.num_experts).float()  # [E] hard counts
         else:
             selected = torch.zeros_like(selection, dtype=torch.bool).scatter_(2, local_index, True)
             biased_clean = _with_bias(clean, None if bias is None else bias.view(groups, size))
             secondary_prob = prob_in_top_k(biased_clean, selection, noise_std, selected, self.k)  # [N, G, P]
-            secondary_load = (secondary_prob * in_group.unsqueeze(-1)).sum(0)  # [G, P], over X^(g) only
-            group_tokens = in_group.sum(0).clamp(min=1).unsqueeze(-1)  # [G, 1] = |X^(g)|
-            primary_load = primary.load_estimate  # [G]
-            load = (primary_load.unsqueeze(-1) * secondary_load / group_tokens).reshape(-1)
-        losses = {
-            "importance": cv_squared(importance),
+            stats["secondary_load"] = (secondary_prob * in_group.unsqueeze(-1)).sum(0)  # [G, P] over X^(g)
+            stats["group_tokens"] = in_group.sum(0).float()  # [G] = |X^(g)|
+        return Routing(expert_index, gate_weight, stats, self.losses(stats))
+
+    def losses(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Load_H[g, j] = Load_primary[g] · Load_g(X^(g))_j / |X^(g)|, from the (global) sums."""
+        if "load" in stats:  # no noise: the hard counts
+            load = stats["load"]
+        else:
+            group_tokens = stats["group_tokens"].clamp(min=1).unsqueeze(-1)  # [G, 1]
+            load = stats["load_primary"].unsqueeze(-1) * stats["secondary_load"] / group_tokens  # [G, P]
+        return {
+            "importance": cv_squared(stats["importance"]),
             "load": cv_squared(load),
-            "importance_primary": primary.losses["importance"],
-            "load_primary": primary.losses["load"],
+            "importance_primary": cv_squared(stats["importance_primary"]),
+            "load_primary": cv_squared(stats["load_primary"]),
         }
-        return Routing(expert_index, gate_weight, importance, losses)

@@ -137,7 +137,7 @@ class MoELayer(nn.Module):
             routing = self.gate(tokens.float(), self.expert_bias if self.loss_free_bias else None)
         load = expert_counts(routing.expert_index, self.num_experts)  # [E]
         if self.expert_parallel is not None:  # statistics and balancing losses of the global batch
-            routing, load = global_routing(routing, load)
+            routing, load = global_routing(routing, load, self.gate.losses)
         if self.loss_free_bias and self.training:
             self.load_since_update += load
         routed, dropped = self._run_experts(tokens, routing)  # [N, d]

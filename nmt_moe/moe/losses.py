@@ -1,6 +1,8 @@
 """Balancing losses for MoE routers, unweighted: the layer multiplies each by its configured weight.
 
 All functions take fp32 tensors and return fp32 scalars (or per-expert vectors for the load estimates).
+Losses that average over tokens are split into a sum over tokens (computed by the gate, and added up over
+ranks under expert parallelism) and the division by the token count (done on the global sums).
 """
 
 from __future__ import annotations
@@ -43,33 +45,37 @@ def prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, selected: Ten
     return _NORMAL.cdf((clean - threshold) / noise_std)
 
 
-def switch_balance_loss(probs: Tensor, load: Tensor, k: int) -> Tensor:
+def switch_balance_loss(prob_sum: Tensor, load: Tensor, num_tokens: Tensor, k: int) -> Tensor:
     """Switch Transformer balance loss: num_experts · Σ_i fraction_routed_i · mean_prob_i.
 
-    `probs` [N, E] router probabilities (rows sum to one), `load` [E] assignments per expert in the batch.
-    The fraction is over the N·k assignments, so perfect balance gives exactly 1 for any k.
+    Built from sums over the batch so that expert parallelism can add them up over ranks first:
+    `prob_sum` [E] router probabilities summed over the tokens (rows of probabilities sum to one), `load` [E]
+    assignments per expert, `num_tokens` scalar. The fraction is over the N·k assignments, so perfect
+    balance gives exactly 1 for any k.
     """
-    num_tokens, num_experts = probs.shape
-    fraction = load.float() / max(num_tokens * k, 1)  # [E], no gradient (hard counts)
-    mean_prob = probs.mean(dim=0)  # [E]
+    num_experts = prob_sum.shape[-1]
+    tokens = num_tokens.clamp(min=1)
+    fraction = load.float() / (tokens * k)  # [E], no gradient (hard counts)
+    mean_prob = prob_sum / tokens  # [E]
     return num_experts * (fraction * mean_prob).sum()
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)², keeps router logits small."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+def router_z_sum(logits: Tensor) -> Tensor:
+    """Σ over tokens of logsumexp(logits)²: the ST-MoE router z-loss (which keeps router logits small) is
+    this sum divided by the number of tokens."""
+    return torch.logsumexp(logits, dim=-1).pow(2).sum()
 
 
-def batchwise_threshold_loss(scores: Tensor, threshold: Tensor, batch_mask: Tensor) -> Tensor:
+def batchwise_threshold_sum(scores: Tensor, threshold: Tensor, batch_mask: Tensor) -> Tensor:
     """Shazeer et al. (2017) appendix F: trains per-expert thresholds to mimic the batchwise mask.
 
-    Σ_i (M_threshold(x)_i − M_batchwise(X)_{x,i}) · (x_i − T_i), summed over experts and averaged over tokens
-    (the paper sums over tokens too; averaging keeps the weight independent of the batch size).
-    `scores` [N, E], `threshold` [E], `batch_mask` [N, E] bool.
+    Σ_x Σ_i (M_threshold(x)_i − M_batchwise(X)_{x,i}) · (x_i − T_i), summed over tokens and experts as in the
+    paper; the gate divides it by the (global) number of tokens, which keeps the weight independent of the
+    batch size. `scores` [N, E], `threshold` [E], `batch_mask` [N, E] bool.
     """
     threshold_mask = (scores > threshold).float()
     disagreement = threshold_mask - batch_mask.float()  # [N, E] in {-1, 0, 1}
-    return (disagreement * (scores - threshold)).sum(dim=-1).mean()
+    return (disagreement * (scores - threshold)).sum()
 
 
 def softplus_noise_std(noise_logits: Tensor, epsilon: float) -> Tensor:

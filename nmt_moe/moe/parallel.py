@@ -22,9 +22,14 @@ takes part with empty tensors instead of hanging.
 
 Gradients. DDP averages replicated parameters over the W ranks, i.e. it differentiates mean_r L_r. A
 local expert's gradient after backward is Σ over the ranks of its group of ∂L_r/∂W (their rows came to it),
-so `finish_expert_grads` sums it over the replica group and divides by W: the same mean. The balancing losses
-use per-expert statistics all-reduced over the whole world (differentiably), so they are the losses of the
-global batch. Gradient clipping uses the true global norm (`clip_grad_norm_`).
+so `finish_expert_grads` sums it over the replica group and divides by W: the same mean. Gradient clipping
+uses the true global norm (`clip_grad_norm_`).
+
+Global batch statistics. Every gate reports its balancing statistics as sums over its tokens
+(`Routing.stats`); `global_routing` all-reduces them over the whole world (differentiably, in one
+collective) and recomputes the losses from the sums, so every gate's losses and hard load counts are those
+of the global batch (and the loss-free bias, updated from the global load, stays identical on every rank).
+The batchwise gate's top-m per expert is global too (`global_top_m_threshold`).
 
 Checkpoints hold full [E, ...] expert tensors (`gather_expert_state`), so they do not depend on the layout;
 `shard_expert_state` slices them for this rank on load: re-sharding to any P, including one process.
@@ -41,15 +46,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from nmt_moe.moe.experts import Experts
-from nmt_moe.moe.losses import cv_squared
+from nmt_moe.moe.gates import BatchwiseGate, Routing
 
 if TYPE_CHECKING:
-    from nmt_moe.moe.gates import Routing
-    from nmt_moe.moe.layer import MoELayer
+    from collections.abc import Callable
 
-# Gates whose balancing losses are built from per-expert sums (importance, smooth load estimate) that can be
-# all-reduced into the global batch's statistics. The others need per-token data of the whole batch.
-SUPPORTED_GATES = ("noisy_topk",)
+    from nmt_moe.moe.layer import MoELayer
 
 
 @dataclass(frozen=True)
@@ -153,20 +155,44 @@ class _AllReduceSum(torch.autograd.Function):
         return _AllReduceSum.apply(grad.contiguous())
 
 
-def global_routing(routing: Routing, load: Tensor) -> tuple[Routing, Tensor]:
-    """The routing's per-expert statistics and balancing losses over the global batch (all ranks).
+def global_routing(
+    routing: Routing, load: Tensor, losses_of: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+) -> tuple[Routing, Tensor]:
+    """The routing's statistics, balancing losses and hard load counts over the global batch (all ranks).
 
-    importance and the smooth load estimate are all-reduced with autograd, so every rank holds the global
-    losses and their gradients reach each rank's gate through its own tokens. `load` (hard counts) is summed
-    without gradient. Every rank must call this once per MoE call (it is a collective).
+    Every sum in `routing.stats` and the [E] counts `load` travel in one all-reduce with autograd, so every
+    rank holds the global sums and the losses `losses_of(stats)` (the gate's `losses`) computed from them;
+    their gradients reach each rank's gate through its own tokens. The counts travel as fp32, exact up to
+    2^24 assignments per expert per call. Collective: every rank calls it once per MoE call.
     """
-    importance = _AllReduceSum.apply(routing.importance)  # [E]
-    load_estimate = _AllReduceSum.apply(routing.load_estimate)  # [E]
-    load = load.clone()
-    dist.all_reduce(load)
-    losses = {**routing.losses, "importance": cv_squared(importance), "load": cv_squared(load_estimate)}
-    routing = type(routing)(routing.expert_index, routing.gate_weight, importance, losses, load_estimate)
-    return routing, load
+    names = list(routing.stats)
+    parts = [routing.stats[name].reshape(-1).float() for name in names] + [load.float()]
+    total = _AllReduceSum.apply(torch.cat(parts))  # [Σ sizes]
+    summed = total.split([part.numel() for part in parts])
+    stats = {
+        name: value.view(routing.stats[name].shape) for name, value in zip(names, summed[:-1], strict=True)
+    }
+    global_load = summed[-1].detach().round().to(load.dtype)  # [E]
+    return Routing(routing.expert_index, routing.gate_weight, stats, losses_of(stats)), global_load
+
+
+def global_top_m_threshold(scores: Tensor, k: int) -> Tensor:
+    """[E]: each expert's m-th largest score over all ranks' tokens, m = max(1, k·N/E) with N the global
+    token count; `scores >= threshold` is the batchwise gate's global top-m mask (ties aside).
+
+    The global top m of an expert is among the union of every rank's local top m, so each rank sends only
+    those: an all_gather of [m, E] per rank, k·N values, about W·k·N received per rank (no gradient: the mask
+    is a hard choice). Collective: every rank calls it, with any number of local tokens (even none).
+    """
+    num_local, num_experts = scores.shape
+    tokens = torch.tensor([num_local], device=scores.device)
+    dist.all_reduce(tokens)
+    m = max(1, k * int(tokens) // num_experts)
+    candidates = scores.new_full((m, num_experts), float("-inf"))  # [m, E], -inf where a rank has < m tokens
+    candidates[: min(m, num_local)] = scores.detach().topk(min(m, num_local), dim=0).values
+    gathered = [torch.empty_like(candidates) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, candidates)
+    return torch.cat(gathered).topk(m, dim=0).values[-1]  # [E]
 
 
 # --- sharding the model -----------------------------------------------------------------------------------
@@ -199,11 +225,6 @@ def shard_experts(module: nn.Module, ep: ExpertParallel) -> None:
         if layer.expert_parallel is not None:
             continue  # already sharded
         where = name or "MoELayer"
-        if layer.gate_name not in SUPPORTED_GATES:
-            raise ValueError(
-                f"{where}: gate {layer.gate_name!r} cannot be expert-parallel; expert parallelism supports "
-                f"{SUPPORTED_GATES} (their balancing losses are all-reduced over the global batch)"
-            )
         if layer.capacity_factor is not None:
             raise ValueError(f"{where}: expert parallelism needs dropless routing (capacity_factor=None)")
         if layer.num_experts % ep.size:
@@ -215,6 +236,8 @@ def shard_experts(module: nn.Module, ep: ExpertParallel) -> None:
             param.data = param.data[shard].clone()
         layer.experts.num_experts = shard.stop - shard.start
         layer.expert_parallel = ep
+        if isinstance(layer.gate, BatchwiseGate):  # its top-m per expert is taken over all ranks' tokens
+            layer.gate.global_batch = True
 
 
 def unshard_experts(module: nn.Module) -> None:
@@ -231,6 +254,8 @@ def unshard_experts(module: nn.Module) -> None:
             param.data = _all_gather_cat(param.data, ep.group, ep.size)
         layer.experts.num_experts = layer.num_experts
         layer.expert_parallel = None
+        if isinstance(layer.gate, BatchwiseGate):
+            layer.gate.global_batch = False
 
 
 def _all_gather_cat(shard: Tensor, group: Any, size: int) -> Tensor:
