@@ -164,14 +164,26 @@ class ExpertLoadMonitor(pl.Callback):
         return written
 
     def state_dict(self) -> dict[str, Any]:
+        # The partial sums of the running interval are saved too, so the first interval after a resume
+        # covers the same batches as in an uninterrupted run.
         return {
             "steps": list(self.steps),
             "history": {k: [list(r) for r in v] for k, v in self.history.items()},
+            "sums": {layer: {k: v.cpu() for k, v in sums.items()} for layer, sums in self._sums.items()},
+            "flushed_at": self._flushed_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = list(state_dict["steps"])
         self.history = {k: [list(r) for r in v] for k, v in state_dict["history"].items()}
+        self._sums = {layer: dict(sums) for layer, sums in state_dict.get("sums", {}).items()}
+        self._flushed_at = state_dict.get("flushed_at", -1)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The checkpoint holds rank 0's partial sums only; flushing sums over ranks, so other ranks start
+        # from zero rather than counting rank 0's share again.
+        if not trainer.is_global_zero:
+            self._sums = {}
 
 
 class SampleTranslations(pl.Callback):
