@@ -99,6 +99,22 @@ def test_batchwise_gate_gives_every_expert_exactly_m_tokens_in_training() -> Non
     torch.testing.assert_close(out.gate_weight.sum(1)[per_token > 0], torch.ones(int((per_token > 0).sum())))
 
 
+def test_batchwise_gate_breaks_ties_at_the_mth_score_in_favour_of_earlier_tokens() -> None:
+    layer = make_layer(GATE_CONFIGS["batchwise"])
+    base = torch.randn(7, D_MODEL)
+    x = base[torch.arange(64) % 7]  # 7 distinct tokens, each repeated 9 or 10 times: ties everywhere
+    out = layer(x)
+    m = 2 * 64 // NUM_EXPERTS
+    assert out.load.tolist() == [m] * NUM_EXPERTS  # exactly m per expert despite the ties
+    probs = (x @ layer.gate.w_gate).softmax(-1)
+    for expert in range(NUM_EXPERTS):
+        taken = (out.expert_index == expert).any(1).nonzero().squeeze(1).tolist()
+        kth = probs[:, expert].topk(m).values[-1]
+        tied = (probs[:, expert] == kth).nonzero().squeeze(1).tolist()
+        above = int((probs[:, expert] > kth).sum())
+        assert [t for t in taken if t in tied] == tied[: m - above]  # the earliest of the tied tokens
+
+
 def test_batchwise_gate_uses_learned_thresholds_at_inference() -> None:
     layer = make_layer(GATE_CONFIGS["batchwise"]).eval()
     x = torch.randn(32, D_MODEL)

@@ -87,10 +87,13 @@ def make_layer(case: str = "noisy_topk", skewed: bool = False) -> MoELayer:
     return layer
 
 
-def make_inputs(world: int, skewed: bool = False) -> torch.Tensor:
-    """[W·N, d]; rank r takes rows r·N .. (r+1)·N. Skewed: positive, so experts 0 and 1 score highest."""
+def make_inputs(world: int, skewed: bool = False, tied: bool = False) -> torch.Tensor:
+    """[W·N, d]; rank r takes rows r·N .. (r+1)·N. Skewed: positive, so experts 0 and 1 score highest.
+    Tied: 7 distinct rows repeated over all ranks, so batchwise top-m cuts through groups of equal scores."""
     torch.manual_seed(1)
     x = torch.randn(world * TOKENS, D_MODEL)
+    if tied:
+        x = x[torch.arange(world * TOKENS) % 7]
     return x.abs() + 0.1 if skewed else x
 
 
@@ -124,12 +127,12 @@ def layer_step(
 
 
 def _layer_worker(
-    rank: int, world: int, out_dir: Path, case: str, skewed: bool, empty_rank: int | None
+    rank: int, world: int, out_dir: Path, case: str, skewed: bool, empty_rank: int | None, tied: bool
 ) -> None:
     layer = make_layer(case, skewed)
     ep = parallel.init_expert_parallel(world)
     parallel.shard_experts(layer, ep)
-    x = make_inputs(world, skewed)[rank * TOKENS : (rank + 1) * TOKENS]
+    x = make_inputs(world, skewed, tied)[rank * TOKENS : (rank + 1) * TOKENS]
     mask = torch.ones(TOKENS, dtype=torch.bool)
     if rank == empty_rank:
         mask[:] = False  # this rank routes nothing at all
@@ -138,32 +141,42 @@ def _layer_worker(
     torch.save(result, out_dir / f"rank{rank}.pt")
 
 
-LAYER_CASES = [
-    ("noisy_topk", False, None),
-    ("noisy_topk", True, None),
-    *[(case, False, empty) for case in GATE_CASES for empty in (None, 1) if case != "noisy_topk"],
-    ("noisy_topk", False, 1),
+LAYER_CASES = [  # (gate case, skewed, empty rank, tied)
+    ("noisy_topk", False, None, False),
+    ("noisy_topk", True, None, False),
+    *[(case, False, empty, False) for case in GATE_CASES for empty in (None, 1) if case != "noisy_topk"],
+    ("noisy_topk", False, 1, False),
+    ("batchwise", False, None, True),
 ]
 
 
+def _case_id(case: str, skewed: bool, empty_rank: int | None, tied: bool) -> str:
+    scenario = "skewed" if skewed else "empty" if empty_rank is not None else "tied" if tied else "spread"
+    return f"{case}-{scenario}"
+
+
 @pytest.mark.parametrize(
-    ("case", "skewed", "empty_rank"),
-    LAYER_CASES,
-    ids=[f"{c}-{'skewed' if s else 'empty' if e is not None else 'spread'}" for c, s, e in LAYER_CASES],
+    ("case", "skewed", "empty_rank", "tied"), LAYER_CASES, ids=[_case_id(*c) for c in LAYER_CASES]
 )
 def test_sharded_layer_matches_one_process(
-    tmp_path: Path, case: str, skewed: bool, empty_rank: int | None
+    tmp_path: Path, case: str, skewed: bool, empty_rank: int | None, tied: bool
 ) -> None:
-    spawn(_layer_worker, tmp_path, case, skewed, empty_rank)
+    spawn(_layer_worker, tmp_path, case, skewed, empty_rank, tied)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     layer = make_layer(case, skewed)
     mask = torch.ones(WORLD * TOKENS, dtype=torch.bool)
     if empty_rank is not None:
         mask[empty_rank * TOKENS : (empty_rank + 1) * TOKENS] = False
+    x = make_inputs(WORLD, skewed, tied)
+    if tied:  # some expert's m-th score is shared by tokens it takes and tokens it does not
+        probs = (x @ layer.gate.w_gate).softmax(-1)  # [W·N, E]
+        m = layer.k * WORLD * TOKENS // layer.num_experts
+        kth = probs.topk(m, dim=0).values[-1]
+        assert bool(((probs > kth).sum(0) + (probs == kth).sum(0) > m).any())
     # the reference differentiates the sum over ranks of their losses, and each rank's aux loss is the
     # global one: it counts W times (DDP's mean over ranks then counts it once)
-    ref = layer_step(layer, make_inputs(WORLD, skewed), mask, output_weights(WORLD), aux_scale=WORLD)
+    ref = layer_step(layer, x, mask, output_weights(WORLD), aux_scale=WORLD)
     y = torch.cat([r["y"] for r in ranks])
     torch.testing.assert_close(y, ref["y"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), ref["x_grad"], atol=1e-5, rtol=1e-5)
@@ -229,20 +242,32 @@ def test_clipping_with_sharded_experts_uses_the_global_norm(tmp_path: Path) -> N
 VOCAB, STEPS, CLIP = 24, 2, 0.05
 
 
-def make_module(expert_parallel_size: int) -> Any:
+MODULE_GATES = {  # Seq2Seq MoE settings per case; no gate noise, so routing is deterministic
+    "noisy_topk": dict(num_experts=4, k=2, moe_options={"noise": False, "w_importance": 0.1, "w_load": 0.1}),
+    "hierarchical": dict(
+        num_experts=8,
+        k=2,
+        gate="hierarchical",
+        moe_options={"num_groups": 2, "k_group": 1, "noise": False, "w_importance": 0.1, "w_load": 0.1},
+    ),  # fmt: skip
+    "batchwise": dict(num_experts=4, k=2, gate="batchwise", moe_options={"w_importance": 0.1}),
+}
+
+
+def make_module(expert_parallel_size: int, gate: str = "noisy_topk") -> Any:
     """A small MoE Seq2Seq in a TranslationModule: no dropout, no gate noise, random (diverse) routers."""
     from nmt_moe.models import Seq2Seq
     from nmt_moe.training.module import TranslationModule
 
     torch.manual_seed(0)
     model = Seq2Seq(
-        VOCAB, embed_dim=8, hidden_size=8, attention="dot", input_feeding=False, dropout=0.0,
-        num_experts=4, k=2, d_hidden=16, moe_options={"noise": False, "w_importance": 0.1, "w_load": 0.1},
+        VOCAB, embed_dim=8, hidden_size=8, attention="dot", input_feeding=False, dropout=0.0, d_hidden=16,
+        **MODULE_GATES[gate],
     )  # fmt: skip
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, MoELayer):
-                module.gate.w_gate.normal_()
+        for name, param in model.named_parameters():
+            if name.endswith("w_gate"):  # routers of every MoE layer (hierarchical: both levels)
+                param.normal_()
     return TranslationModule(
         model, label_smoothing=0.1, lr=0.01, warmup_steps=0, schedule="constant", val_max_sentences=0,
         expert_parallel_size=expert_parallel_size,
@@ -301,7 +326,9 @@ def run_training(module: Any, batches: list[dict[str, torch.Tensor]], **trainer_
     return record
 
 
-def _lightning_worker(rank: int, world: int, port: int, out_dir: Path, expert_parallel_size: int) -> None:
+def _lightning_worker(
+    rank: int, world: int, port: int, out_dir: Path, expert_parallel_size: int, gate: str
+) -> None:
     """Started like torchrun starts a rank: Lightning sees LOCAL_RANK and joins instead of launching."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
@@ -309,20 +336,22 @@ def _lightning_worker(rank: int, world: int, port: int, out_dir: Path, expert_pa
     )  # fmt: skip
     torch.set_num_threads(1)
     batches = [step[rank] for step in make_batches(world)]
-    record = run_training(make_module(expert_parallel_size), batches, strategy="ddp", devices=world)
+    record = run_training(make_module(expert_parallel_size, gate), batches, strategy="ddp", devices=world)
     torch.save(record, out_dir / f"train{rank}.pt")
 
 
 @pytest.mark.parametrize(
-    ("world", "expert_parallel_size"), [(2, 2), (4, 2)], ids=["2-ranks-ep2", "4-ranks-ep2-2-replicas"]
+    ("world", "expert_parallel_size", "gate"),
+    [(2, 2, "noisy_topk"), (4, 2, "noisy_topk"), (2, 2, "hierarchical"), (2, 2, "batchwise")],
+    ids=["2-ranks-ep2", "4-ranks-ep2-2-replicas", "2-ranks-ep2-hierarchical", "2-ranks-ep2-batchwise"],
 )
 def test_expert_parallel_training_steps_match_one_process(
-    tmp_path: Path, world: int, expert_parallel_size: int
+    tmp_path: Path, world: int, expert_parallel_size: int, gate: str
 ) -> None:
-    args = (world, free_port(), tmp_path, expert_parallel_size)
+    args = (world, free_port(), tmp_path, expert_parallel_size, gate)
     mp.spawn(_lightning_worker, args=args, nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"train{r}.pt") for r in range(world)]
-    reference = run_training(make_module(1), [concat(step) for step in make_batches(world)], devices=1)
+    reference = run_training(make_module(1, gate), [concat(step) for step in make_batches(world)], devices=1)
 
     ep_loss = torch.stack([r["loss"] for r in ranks]).mean(0)  # DDP's objective: the mean of rank losses
     torch.testing.assert_close(ep_loss, reference["loss"], atol=1e-5, rtol=1e-5)

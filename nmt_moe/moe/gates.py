@@ -54,6 +54,14 @@ def importance_of(expert_index: Tensor, gate_weight: Tensor, num_experts: int) -
     return gate_weight.new_zeros(num_experts).index_add(0, index, gate_weight.reshape(-1))
 
 
+def top_m_mask(scores: Tensor, kth: Tensor, needed: Tensor, ties_before: Tensor) -> Tensor:
+    """[N, E] bool: the scores above each expert's m-th score `kth` [E], plus the first `needed` [E] of the
+    tokens tied at it, counting `ties_before` [E] tied tokens that come earlier (on lower ranks)."""
+    tied = scores == kth  # [N, E]
+    tie_rank = ties_before + tied.long().cumsum(0)  # [N, E] 1-based position among the tied tokens
+    return (scores > kth) | (tied & (tie_rank <= needed))
+
+
 def _token_count(x: Tensor) -> Tensor:
     """[] fp32: the number of tokens, as a statistic that sums over ranks."""
     return x.new_tensor(float(x.shape[0]))
@@ -191,7 +199,7 @@ class BatchwiseGate(nn.Module):
 
     Under expert parallelism (`global_batch`, set by `parallel.shard_experts`) the batch is the global one:
     N counts every rank's tokens and each expert takes the top m over all of them (exactly, through a
-    gather of every rank's local top-m scores, see `parallel.global_top_m_threshold`).
+    gather of every rank's local top-m scores, see `parallel.global_top_m`).
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int) -> None:
@@ -202,15 +210,22 @@ class BatchwiseGate(nn.Module):
         self.global_batch = False  # True while the layer's experts are sharded over ranks
 
     def batch_mask(self, probs: Tensor) -> Tensor:
-        """[N, E] bool: each expert's top m = k·N/E tokens in the batch (global batch if `global_batch`)."""
-        if self.global_batch:
-            from nmt_moe.moe.parallel import global_top_m_threshold  # here: parallel imports this module
+        """[N, E] bool: each expert's top m = k·N/E tokens in the batch (global batch if `global_batch`).
 
-            return probs >= global_top_m_threshold(probs, self.k)  # [E] threshold broadcast over tokens
-        num_tokens = probs.shape[0]
-        m = max(1, self.k * num_tokens // self.num_experts)
-        top_tokens = probs.topk(m, dim=0).indices  # [m, E]
-        return torch.zeros_like(probs, dtype=torch.bool).scatter_(0, top_tokens, True)
+        Ties at the m-th score (identical tokens, e.g. every decoder's first step) go to the earlier tokens,
+        ranks in rank order, so an expert takes exactly m tokens and a sharded run picks what one process
+        picks on the concatenated batch.
+        """
+        if self.global_batch:
+            from nmt_moe.moe.parallel import global_top_m  # here: parallel imports this module
+
+            kth, needed, ties_before = global_top_m(probs, self.k)
+        else:
+            m = max(1, self.k * probs.shape[0] // self.num_experts)
+            kth = probs.topk(m, dim=0).values[-1]  # [E] the m-th largest score of each expert
+            needed = m - (probs > kth).sum(0)  # [E] tokens still to take among those tied at kth
+            ties_before = torch.zeros_like(needed)
+        return top_m_mask(probs, kth, needed, ties_before)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
         probs = (x @ self.w_gate.float()).softmax(dim=-1)  # [N, E]

@@ -29,7 +29,7 @@ Global batch statistics. Every gate reports its balancing statistics as sums ove
 (`Routing.stats`); `global_routing` all-reduces them over the whole world (differentiably, in one
 collective) and recomputes the losses from the sums, so every gate's losses and hard load counts are those
 of the global batch (and the loss-free bias, updated from the global load, stays identical on every rank).
-The batchwise gate's top-m per expert is global too (`global_top_m_threshold`).
+The batchwise gate's top-m per expert is global too (`global_top_m`).
 
 Checkpoints hold full [E, ...] expert tensors (`gather_expert_state`), so they do not depend on the layout;
 `shard_expert_state` slices them for this rank on load: re-sharding to any P, including one process.
@@ -176,23 +176,33 @@ def global_routing(
     return Routing(routing.expert_index, routing.gate_weight, stats, losses_of(stats)), global_load
 
 
-def global_top_m_threshold(scores: Tensor, k: int) -> Tensor:
-    """[E]: each expert's m-th largest score over all ranks' tokens, m = max(1, k·N/E) with N the global
-    token count; `scores >= threshold` is the batchwise gate's global top-m mask (ties aside).
+def global_top_m(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The batchwise gate's top m per expert over all ranks' tokens, m = max(1, k·N/E) with N the global
+    token count, as `gates.top_m_mask` arguments: each expert's m-th largest score [E], how many of the
+    tokens tied at it to take [E], and how many tied tokens lower ranks hold [E] (ties go to earlier tokens).
 
     The global top m of an expert is among the union of every rank's local top m, so each rank sends only
     those: an all_gather of [m, E] per rank, k·N values, about W·k·N received per rank (no gradient: the mask
     is a hard choice). Collective: every rank calls it, with any number of local tokens (even none).
     """
     num_local, num_experts = scores.shape
+    world, rank = dist.get_world_size(), dist.get_rank()
     tokens = torch.tensor([num_local], device=scores.device)
     dist.all_reduce(tokens)
     m = max(1, k * int(tokens) // num_experts)
     candidates = scores.new_full((m, num_experts), float("-inf"))  # [m, E], -inf where a rank has < m tokens
     candidates[: min(m, num_local)] = scores.detach().topk(min(m, num_local), dim=0).values
-    gathered = [torch.empty_like(candidates) for _ in range(dist.get_world_size())]
+    gathered = [torch.empty_like(candidates) for _ in range(world)]
     dist.all_gather(gathered, candidates)
-    return torch.cat(gathered).topk(m, dim=0).values[-1]  # [E]
+    kth = torch.cat(gathered).topk(m, dim=0).values[-1]  # [E]
+
+    counts = torch.stack([(scores > kth).sum(0), (scores == kth).sum(0)])  # [2, E] above, tied (this rank)
+    every = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(every, counts)
+    every = torch.stack(every)  # [W, 2, E]
+    needed = m - every[:, 0].sum(0)  # [E]
+    ties_before = every[:rank, 1].sum(0)  # [E]
+    return kth, needed, ties_before
 
 
 # --- sharding the model -----------------------------------------------------------------------------------
