@@ -138,6 +138,8 @@ def _layer_worker(
         mask[:] = False  # this rank routes nothing at all
     weights = output_weights(world)[rank * TOKENS : (rank + 1) * TOKENS]
     result = layer_step(layer, x, mask, weights)
+    parallel.unshard_experts(layer)  # back to local routing: no collective left in the gate
+    assert not getattr(layer.gate, "global_batch", False)
     torch.save(result, out_dir / f"rank{rank}.pt")
 
 

@@ -99,6 +99,13 @@ def test_layers_that_cannot_be_sharded_are_named(kwargs: dict, message: str) -> 
         parallel.shard_experts(layer, layout(0))
 
 
+def test_sharding_a_batchwise_layer_makes_its_top_m_global() -> None:
+    layer = MoELayer(d_model=4, d_hidden=4, num_experts=4, k=2, gate="batchwise")
+    assert not layer.gate.global_batch
+    parallel.shard_experts(layer, layout(0))
+    assert layer.gate.global_batch  # unshard_experts clears it (tests/test_parallel_distributed.py)
+
+
 def test_expert_parallel_needs_torch_distributed() -> None:
     with pytest.raises(RuntimeError, match="expert_parallel_size=2 needs torch.distributed"):
         parallel.init_expert_parallel(2)
