@@ -17,7 +17,8 @@
 #   TRAIN_ARGS are passed to `nmt-moe train fit` after the configs (e.g. --trainer.max_time 00:00:10:00).
 #   Other recipes reuse this script through RECIPE, CONFIG and TGT (several target languages:
 #   TGT="de fr cs" translates and scores each pair, asking for it with --target-lang).
-#   Environment: WANDB=auto|online|offline|off (default off); OMP_NUM_THREADS (default 2);
+#   Environment: FRESH=1 discards an earlier run's checkpoints (default: resume from last.ckpt);
+#   WANDB=auto|online|offline|off (default off); OMP_NUM_THREADS (default 2);
 #   OMP_WAIT_POLICY (default PASSIVE: steady on a shared machine; unset it on a quiet one).
 set -euo pipefail
 
@@ -106,9 +107,17 @@ echo "== prepare"
 nmt-moe prepare --config "$CONFIG" "${prepare_flags[@]}"
 
 echo "== train"
-rm -rf "$OUT/train/checkpoints" "$OUT/train/average"
+# An interrupted run (Ctrl-C, SIGTERM, a crash) left OUT/train/checkpoints/last.ckpt: carry on from it
+# rather than starting over. FRESH=1 starts from scratch.
+resume=()
+if [[ "${FRESH:-0}" == 1 ]]; then
+  rm -rf "$OUT/train/checkpoints" "$OUT/train/average"
+elif [[ -f "$OUT/train/checkpoints/last.ckpt" ]]; then
+  echo "resuming from $OUT/train/checkpoints/last.ckpt (FRESH=1 starts over)"
+  resume=(--ckpt_path last)
+fi
 nmt-moe train fit "${configs[@]}" "${train_data_flags[@]}" \
-  --trainer.default_root_dir "$OUT/train" --wandb "${WANDB:-off}" "${train_args[@]}"
+  --trainer.default_root_dir "$OUT/train" --wandb "${WANDB:-off}" "${resume[@]}" "${train_args[@]}"
 
 echo "== average the $AVERAGE_N latest checkpoints, export"
 rm -rf "$OUT/export"
