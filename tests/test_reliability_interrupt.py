@@ -52,7 +52,7 @@ def start(data: Path, root: Path, *extra: str) -> subprocess.Popen:
         "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0", "--model.val_max_sentences", "8",
         "--last_checkpoint.every_n_train_steps", str(EVERY),
-        # expert-load statistics are summed over 4-step intervals, so a resume from a 3-step checkpoint starts mid-interval
+        # expert-load stats are summed over 4-step intervals: resuming a 3-step checkpoint is mid-interval
         "--expert_load.every_n_steps", "4", *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
