@@ -41,10 +41,14 @@ class ToyState:
 
 @dataclass
 class ToyStep:
-    log_probs: Tensor  # [N, V]
+    logits: Tensor  # [N, V] unnormalised, as the Seq2Seq decoder returns them
     state: ToyState
     attention: Tensor  # [N, S]
     expert_index: list[Tensor]  # one [N, 2] per fake MoE layer
+
+    @property
+    def log_probs(self) -> Tensor:
+        return self.logits.log_softmax(dim=1)
 
 
 class ToyModel(nn.Module):
@@ -80,7 +84,7 @@ class ToyModel(nn.Module):
         logits[:, PAD_ID] = float("-inf")
         logits[:, BOS_ID] = float("-inf")
         experts = (hidden @ self.router).topk(2, dim=1).indices  # [N, 2]
-        return ToyStep(logits.log_softmax(dim=1), ToyState(hidden), attention, [experts])
+        return ToyStep(logits, ToyState(hidden), attention, [experts])
 
 
 def toy_batch(lengths: list[int], vocab: int = 6, seed: int = 1) -> tuple[Tensor, Tensor]:

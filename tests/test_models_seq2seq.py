@@ -79,6 +79,17 @@ def test_teacher_forcing_equals_stepping(input_feeding: bool, attention: str) ->
             assert (step.expert_index[0][~real] == -1).all() and (step.expert_index[0][real] >= 0).all()
 
 
+def test_decode_step_scores_are_float32_under_bf16_autocast() -> None:
+    """Validation decodes inside the bf16-mixed autocast: beam scores must not be rounded to bfloat16."""
+    model = tiny().eval()
+    src, lengths, tgt = batch([6, 4], [5, 3])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        enc = model.encode(src, lengths)
+        step = model.decode_step(tgt[:, 0], model.init_state(enc), enc)
+    assert step.log_probs.dtype == torch.float32
+    torch.testing.assert_close(step.log_probs.exp().sum(-1), torch.ones(2))
+
+
 def test_padding_is_never_routed_and_never_changes_real_positions() -> None:
     model = tiny(encoder_moe_after=[1, 2], decoder_moe_after=[1, 2]).eval()
     src, lengths, tgt = batch([7, 2, 4], [3, 6, 2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -144,6 +145,32 @@ def test_fit_resumes_from_last(copy_run: tuple[Path, Path]) -> None:
         ]
         == (before["callbacks"]["ExpertLoadMonitor"]["steps"])
     )
+
+
+def test_fit_in_bf16_mixed_learns_like_float32_and_keeps_float32_weights(tmp_path: Path) -> None:
+    """The Multi30k recipes train in bf16-mixed on CPU: the loss follows float32's, weights stay fp32."""
+    data = write_copy_task(tmp_path / "data")
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        root = tmp_path / precision
+        args = ("--wandb", "off", "--trainer.precision", precision, "--trainer.max_steps", "40")
+        args += ("--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1")
+        assert train("fit", data, root, *args) == 0
+        losses[precision] = [row["train/loss"] for row in csv_metrics(root, 0) if "train/loss" in row]
+    fp32, bf16 = losses["32-true"], losses["bf16-mixed"]
+    assert len(bf16) == len(fp32) >= 35 and all(map(math.isfinite, bf16))
+    assert sum(bf16[-10:]) < 0.85 * sum(bf16[:10])  # it learns ...
+    assert sum(bf16[-10:]) == pytest.approx(sum(fp32[-10:]), rel=0.05)  # ... as float32 does
+    state = torch.load(tmp_path / "bf16-mixed" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_fit_without_validation_trains_and_checkpoints(tmp_path: Path) -> None:
+    """Early stopping watches val/bleu; a run with validation switched off must train on, not crash."""
+    data, root = write_copy_task(tmp_path / "data"), tmp_path / "run"
+    args = ("--wandb", "off", "--trainer.limit_val_batches", "0", "--trainer.max_epochs", "2")
+    assert train("fit", data, root, *args) == 0
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
 def test_wandb_offline_run_holds_metrics_pictures_and_samples(

@@ -89,6 +89,24 @@ def test_every_line_survives_in_order(
         assert output == tokenizer.decode([best.tokens])[0]
 
 
+def test_bf16_search_keeps_every_line_and_float32_scores(checkpoint: Path, tmp_path: Path) -> None:
+    """`--bf16` runs the network under bfloat16 autocast; the one-line rule and the score dtype hold."""
+    source = tmp_path / "in.txt"
+    source.write_text("a man plays with the ball\n\nthe red cat sits on a house\n")
+    assert run("-m", checkpoint, "-i", source, "-o", tmp_path / "out.jsonl", "--bf16",
+               "--output-format", "jsonl", *FAST) == 0  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3] and records[1]["translation"] == ""
+    assert all(isinstance(r["score"], float) for r in (records[0], records[2]))
+    model, tokenizer = load_model(checkpoint)
+    src = torch.tensor([tokenizer.encode(["a red house"])[0] + [EOS_ID]])
+    lengths = torch.tensor([src.size(1)])
+    exact = beam_search(model, src, lengths, beam_size=3, max_len_b=3)[0][0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = beam_search(model, src, lengths, beam_size=3, max_len_b=3)[0][0]
+    assert fast.tokens == exact.tokens and fast.log_prob == pytest.approx(exact.log_prob, rel=0.02)
+
+
 def test_invalid_utf8_stops_before_writing(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

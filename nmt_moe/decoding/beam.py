@@ -5,8 +5,8 @@ All sentences of a batch and all their beams advance together: the decoder sees 
 shrink (index_select) when sentences finish. Finished hypotheses are kept aside in plain Python lists.
 
 Search, per step t (t tokens generated so far):
-  1. every live beam proposes all V next tokens; the 2K best (cumulative log-prob) candidates per sentence
-     are taken, so at least K of them are not EOS;
+  1. every live beam proposes its 2K best next tokens; the 2K best (cumulative log-prob) of these
+     candidates per sentence are taken, so at least K of them are not EOS;
   2. EOS candidates among the K best end a hypothesis (scored with the GNMT penalties, see penalties.py);
   3. the K best non-EOS candidates become the new live beams (ranked by log-prob: they all have the same
      length, and the coverage penalty is applied to finished hypotheses only);
@@ -154,7 +154,6 @@ def beam_search(
             log_probs = step.log_probs.float()  # [A*K, V]
             if t < min_len:
                 log_probs = log_probs.index_fill(1, torch.tensor([EOS_ID], device=device), float("-inf"))
-            vocab = log_probs.size(1)
             step_coverage = coverage + step.attention.float() if coverage is not None else None  # [A*K, S]
             step_experts = None
             if return_experts:
@@ -167,12 +166,17 @@ def beam_search(
                 if experts is None:
                     experts = step_experts.new_empty(n_active * k, 0, *step_experts.shape[1:])
 
-            # 1. the 2K best continuations of each sentence
-            candidates = (scores.unsqueeze(2) + log_probs.view(n_active, k, vocab)).view(n_active, k * vocab)
-            top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # [A, 2K], best first
-            top_tokens = top_index % vocab  # [A, 2K]
+            # 1. the 2K best continuations of each sentence. They are among the 2K best of their own beam,
+            #    so only those enter the sum with the beam scores: [A*K, 2K], not [A*K, V].
+            per_beam = min(2 * k, log_probs.size(1))
+            beam_log_probs, beam_tokens = log_probs.topk(per_beam, dim=1)  # [A*K, 2K]
+            candidates = (scores.unsqueeze(2) + beam_log_probs.view(n_active, k, per_beam)).view(
+                n_active, k * per_beam
+            )  # [A, K*2K] cumulative log-probs
+            top_scores, top_index = candidates.topk(min(2 * k, k * per_beam), dim=1)  # [A, 2K], best first
+            top_tokens = beam_tokens.view(n_active, k * per_beam).gather(1, top_index)  # [A, 2K]
             top_rows = (
-                torch.div(top_index, vocab, rounding_mode="floor")
+                torch.div(top_index, per_beam, rounding_mode="floor")
                 + torch.arange(n_active, device=device).unsqueeze(1) * k
             )  # [A, 2K] row of the parent beam in the [A*K] batch
             is_eos = top_tokens == EOS_ID

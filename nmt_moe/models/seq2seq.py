@@ -191,7 +191,7 @@ class Seq2Seq(nn.Module):
         return self.decoder.init_state(enc)
 
     def decode_step(self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput) -> StepOutput:
-        """prev_tokens [N] -> StepOutput(log_probs [N, V], state, attention [N, S], expert_index)."""
+        """prev_tokens [N] -> StepOutput(logits [N, V], state, attention [N, S], expert_index)."""
         return self.decoder.step(prev_tokens, state, enc)
 
     def _init_weights(self) -> None:

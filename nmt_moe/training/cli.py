@@ -121,6 +121,8 @@ def train_main(argv: list[str]) -> int:
                     "early_stopping.monitor": "val/bleu",
                     "early_stopping.mode": "max",
                     "early_stopping.patience": 10,
+                    # A run without validation (--trainer.limit_val_batches 0) has no val/bleu: train on.
+                    "early_stopping.strict": False,
                 }
             )
             parser.add_lightning_class_args(ExpertLoadMonitor, "expert_load")

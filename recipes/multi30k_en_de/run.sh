@@ -116,7 +116,13 @@ elif [[ -f "$OUT/train/checkpoints/last.ckpt" ]]; then
   echo "resuming from $OUT/train/checkpoints/last.ckpt (FRESH=1 starts over)"
   resume=(--ckpt_path last)
 fi
-nmt-moe train fit "${configs[@]}" "${train_data_flags[@]}" \
+# The recipes train in bf16-mixed, which pays only on CPUs with native bfloat16 arithmetic.
+precision=()
+if [[ -r /proc/cpuinfo ]] && ! grep -q -E -m1 'avx512_bf16|amx_bf16' /proc/cpuinfo; then
+  echo "this CPU has no native bfloat16: training in 32-true"
+  precision=(--trainer.precision 32-true)
+fi
+nmt-moe train fit "${configs[@]}" "${train_data_flags[@]}" "${precision[@]}" \
   --trainer.default_root_dir "$OUT/train" --wandb "${WANDB:-off}" "${resume[@]}" "${train_args[@]}"
 
 echo "== average the $AVERAGE_N latest checkpoints, export"
