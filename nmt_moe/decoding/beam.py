@@ -151,7 +151,7 @@ def beam_search(
         for t in range(int(max_len.max())):
             n_active = active.numel()
             step = model.decode_step(prev, state, enc)
-            log_probs = step.log_probs.float()  # [A*K, V]
+            log_probs = step.log_probs  # [A*K, V] float32
             if t < min_len:
                 log_probs = log_probs.index_fill(1, torch.tensor([EOS_ID], device=device), float("-inf"))
             step_coverage = coverage + step.attention.float() if coverage is not None else None  # [A*K, S]
