@@ -1,8 +1,10 @@
 """Validation BLEU over training time for several runs of `nmt-moe train` (e.g. MoE vs dense), one PNG.
 
 Reads each run's CSV log (`<run>/train/csv/version_*/metrics.csv`, written with `--wandb off`, as the
-Multi30k recipes do) for `val/bleu` by step. The CSV has no clock, so steps become minutes at the run's mean
-pace: from the start of training (the log's hparams.yaml) to its newest `step=N` checkpoint.
+Multi30k recipes do) for `val/bleu` by step; a resumed run's later logs (version_1, ...) continue its curve.
+The CSV has no clock, so steps become minutes at the run's mean pace: from the start of training (the first
+log's hparams.yaml) to its newest `step=N` checkpoint. `--x step` plots against the step instead, the
+like-for-like axis for runs that were interrupted or shared the machine.
 
     python scripts/plot_val_bleu.py moe=runs/multi30k_en_de dense=runs/multi30k_dense -o docs/val_bleu.png
 """
@@ -20,21 +22,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def metrics_file(run: Path) -> Path:
-    """The newest CSV log of a recipe run directory (or of a training root directory)."""
-    found = sorted((run / "train" / "csv").glob("version_*/metrics.csv")) or sorted(
-        (run / "csv").glob("version_*/metrics.csv")
-    )
+def metrics_files(run: Path) -> list[Path]:
+    """The CSV logs of a recipe run directory (or of a training root directory), oldest first."""
+    found = sorted(
+        (run / "train" / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])
+    ) or sorted((run / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
     if not found:
         raise FileNotFoundError(f"{run}: no csv/version_*/metrics.csv (train with --wandb off)")
-    return found[-1]
+    return found
 
 
-def val_bleu(metrics: Path) -> list[tuple[int, float]]:
-    """(step, validation BLEU) rows of a Lightning CSV log, in step order."""
-    with metrics.open() as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("val/bleu")]
-    return sorted((int(r["step"]), float(r["val/bleu"])) for r in rows)
+def val_bleu(logs: list[Path]) -> list[tuple[int, float]]:
+    """(step, validation BLEU) of Lightning CSV logs in step order; a later log wins a repeated step."""
+    by_step = {}
+    for metrics in logs:
+        with metrics.open() as handle:
+            by_step.update(
+                {int(r["step"]): float(r["val/bleu"]) for r in csv.DictReader(handle) if r.get("val/bleu")}
+            )
+    return sorted(by_step.items())
 
 
 def minutes_per_step(metrics: Path) -> float:
@@ -56,6 +62,7 @@ def main() -> None:
     )
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a recipe's output directory)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--x", choices=("minutes", "step"), default="minutes", help="horizontal axis")
     args = parser.parse_args()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -64,12 +71,16 @@ def main() -> None:
         label, _, directory = spec.partition("=")
         if not directory:
             parser.error(f"expected LABEL=RUN_DIR, got {spec!r}")
-        metrics = metrics_file(Path(directory))
-        points = val_bleu(metrics)
-        pace = minutes_per_step(metrics)
+        logs = metrics_files(Path(directory))
+        points = val_bleu(logs)
+        pace = minutes_per_step(logs[0]) if args.x == "minutes" else 1.0
         ax.plot([s * pace for s, _ in points], [b for _, b in points], marker="o", label=label)
-        summary[label] = {"minutes_per_step": round(pace, 4), "val_bleu": points}
-    ax.set_xlabel("training wall clock (minutes)")
+        summary[label] = (
+            {"minutes_per_step": round(pace, 4), "val_bleu": points}
+            if args.x == "minutes"
+            else {"val_bleu": points}
+        )
+    ax.set_xlabel("training wall clock (minutes)" if args.x == "minutes" else "training step")
     ax.set_ylabel("validation BLEU (greedy)")
     ax.grid(alpha=0.3)
     ax.legend()

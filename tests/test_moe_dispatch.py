@@ -98,3 +98,21 @@ def test_experts_run_in_the_autocast_dtype() -> None:
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert experts.w_in.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_bf16_weight_copies_are_reused_without_autograd_until_a_weight_changes() -> None:
+    """Decoding under autocast casts the expert weights once, not at every step, and never serves stale."""
+    torch.manual_seed(0)
+    experts = Experts(num_experts=2, d_model=4, d_hidden=8)
+    x = torch.randn(5, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = experts(x, [2, 3])
+        cached = experts._cast_cache[1]
+        torch.testing.assert_close(experts(x, [2, 3]), first, rtol=0, atol=0)
+        assert all(a is b for a, b in zip(experts._cast_cache[1], cached, strict=True))  # no new cast
+        experts.w_out.mul_(2)  # an optimizer step or load_state_dict changes a weight in place
+        torch.testing.assert_close(experts(x, [2, 3]).float(), 2 * first.float(), rtol=1e-2, atol=1e-2)
+        assert experts._cast_cache[1][2] is not cached[2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # with autograd: no cache, the cast is in the graph
+        experts(x, [2, 3])
+    assert experts._cast_cache is None

@@ -205,6 +205,21 @@ def test_second_sigint_stops_at_once_without_saving(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_interrupt_checkpoint_goes_where_last_ckpt_is_kept(tmp_path: Path) -> None:
+    """A recipe's first ModelCheckpoint may be its averaging one; the interrupt checkpoint must not land
+    there (it would be averaged) but beside the callback that keeps last.ckpt, where resuming looks."""
+    average = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "average", every_n_train_steps=100)
+    keeps_last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = pl.Trainer(
+        max_steps=8, callbacks=[average, keeps_last, GracefulInterrupt(), SendSignal(signal.SIGTERM, at=3)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=tmp_path, plugins=[SafeCheckpointIO()],
+    )  # fmt: skip
+    trainer.fit(*regression_data())
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not (tmp_path / "average" / "last.ckpt").exists()
+
+
 def regression_data() -> tuple[pl.LightningModule, torch.utils.data.DataLoader]:
     torch.manual_seed(0)
     x = torch.randn(64, 4)

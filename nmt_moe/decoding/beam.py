@@ -76,7 +76,9 @@ def _check_options(beam_size: int, nbest: int, alpha: float, beta: float, min_le
         raise ValueError(f"min_len must be >= 0, got {min_len}")
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under bf16 autocast, autocast caches the bf16 copy of each weight for the whole
+# search only outside inference mode; inside it, every step re-casts the output layer and LSTM weights.
+@torch.no_grad()
 def beam_search(
     model: Any,
     src: Tensor,

@@ -148,6 +148,7 @@ class Experts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # [E, h, d]
         self.b_in = nn.Parameter(torch.empty(num_experts, d_in)) if bias else None
         self.b_out = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
+        self._cast_cache: tuple[tuple, list[Tensor | None]] | None = None  # see _weights_as
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -166,10 +167,7 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(device_type):  # the custom function is opaque to autocast: cast here
             x_sorted = x_sorted.to(torch.get_autocast_dtype(device_type))
         dtype = x_sorted.dtype
-        params = [
-            p if p is None or p.dtype == dtype else p.to(dtype)
-            for p in (self.w_in, self.b_in, self.w_out, self.b_out)
-        ]
+        params = self._weights_as(dtype)
         mask = None
         if self.training and self.dropout > 0:
             hidden = self.w_out.shape[1]
@@ -178,6 +176,21 @@ class Experts(nn.Module):
             mask = mask.bernoulli_(keep).div_(keep)
         with torch.autocast(device_type, enabled=False):
             return _SortedExpertFFN.apply(x_sorted.contiguous(), *params, counts, self.activation, mask)
+
+    def _weights_as(self, dtype: torch.dtype) -> list[Tensor | None]:
+        """(w_in, b_in, w_out, b_out) in `dtype`. Without autograd (decoding under bf16 autocast) the cast
+        copies are kept until a weight changes, as autocast keeps those of nn.Linear; otherwise a decoder
+        would re-cast every expert at every step."""
+        params = (self.w_in, self.b_in, self.w_out, self.b_out)
+        if all(p is None or p.dtype == dtype for p in params):
+            return list(params)
+        if torch.is_grad_enabled():  # training: the cast belongs in the graph, and the weights move each step
+            self._cast_cache = None
+            return [None if p is None else p.to(dtype) for p in params]
+        key = (dtype, *((id(p), p.data_ptr(), p._version) for p in params if p is not None))
+        if self._cast_cache is None or self._cast_cache[0] != key:
+            self._cast_cache = (key, [None if p is None else p.detach().to(dtype) for p in params])
+        return self._cast_cache[1]
 
     def expert_forward(self, x: Tensor, expert: int) -> Tensor:
         """One expert on x [..., d] with plain autograd ops (no dropout): the slow reference for tests."""

@@ -113,8 +113,6 @@ def train_main(argv: list[str]) -> int:
                     "last_checkpoint.enable_version_counter": False,
                 }
             )
-            for key in ("checkpoint", "last_checkpoint"):
-                parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=checkpoint_dir)
             parser.add_lightning_class_args(EarlyStopping, "early_stopping")
             parser.set_defaults(
                 {
@@ -131,6 +129,10 @@ def train_main(argv: list[str]) -> int:
             parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
             parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
             parser.add_lightning_class_args(StepSeed, "step_seed")
+            # last.ckpt, the best checkpoint and the interrupt/fault checkpoints all live in
+            # <default_root_dir>/checkpoints, where `--ckpt_path last` and the recipes look for them.
+            for key in ("checkpoint", "last_checkpoint", "interrupt", "nonfinite"):
+                parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=checkpoint_dir)
 
         def _parse_ckpt_path(self) -> None:
             """LightningCLI reads `--ckpt_path`'s hyper-parameters with a bare torch.load (weights_only): on

@@ -65,13 +65,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def _save_dir(trainer: pl.Trainer, dirpath: str | None) -> Path:
-    """Where interrupt/fault checkpoints go: `dirpath`, else the first ModelCheckpoint's directory (which
-    `--ckpt_path last` searches), else `<default_root_dir>/checkpoints`."""
+    """Where interrupt/fault checkpoints go: `dirpath`, else the directory of the ModelCheckpoint that writes
+    `last.ckpt` (save_last, or filename "last"), else the first ModelCheckpoint's, else
+    `<default_root_dir>/checkpoints`. A recipe's extra checkpoint callbacks (the averaging one) must not
+    receive it: a stray `last.ckpt` there would be taken for one of the checkpoints to average.
+    `nmt-moe train` sets `dirpath` to `<default_root_dir>/checkpoints` explicitly."""
     if dirpath:
         return Path(dirpath)
-    callback = trainer.checkpoint_callback
-    if callback is not None and getattr(callback, "dirpath", None):
-        return Path(callback.dirpath)
+    callbacks = [c for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+    keeping_last = [c for c in callbacks if getattr(c, "save_last", False) or c.filename == "last"]
+    if keeping_last or callbacks:
+        return Path((keeping_last or callbacks)[0].dirpath)
     return Path(trainer.default_root_dir) / "checkpoints"
 
 
@@ -98,7 +102,7 @@ class GracefulInterrupt(pl.Callback):
     def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt") -> None:
         """
         Args:
-            dirpath: directory of the checkpoint; default: the first ModelCheckpoint's `dirpath`.
+            dirpath: directory of the checkpoint; default: where last.ckpt is kept (see `_save_dir`).
             filename: checkpoint file name; `last*.ckpt` is what `--ckpt_path last` finds.
         """
         self.dirpath, self.filename = dirpath, filename
