@@ -1,4 +1,4 @@
-"""Load, save, export and average models; every load is `torch.load(..., weights_only=True)`.
+"""Load, save and export models; every load is `torch.load(..., weights_only=True)`.
 
 A model path is either
   * a Lightning training checkpoint: `state_dict` with keys `model.<...>` for the Seq2Seq, plus
@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -98,7 +98,7 @@ def load_weights_only(path: str | Path) -> Any:
         ) from error
 
 
-def _nmt_moe_section(section: Any, path: Path) -> dict[str, Any]:
+def nmt_moe_section(section: Any, path: Path) -> dict[str, Any]:
     """Validate the {"version", "model_config", ...} dict shared by checkpoints and bundles."""
     if not isinstance(section, dict) or "model_config" not in section:
         raise ModelLoadError(
@@ -130,7 +130,7 @@ def read_model_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
             section = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ModelLoadError(f"{path / CONFIG_FILE}: not valid JSON ({error})") from error
-        section = _nmt_moe_section(section, path / CONFIG_FILE)
+        section = nmt_moe_section(section, path / CONFIG_FILE)
         state = load_weights_only(path / WEIGHTS_FILE)
         if not isinstance(state, dict):
             raise ModelLoadError(f"{path / WEIGHTS_FILE}: not a state dict")
@@ -139,7 +139,7 @@ def read_model_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
     checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ModelLoadError(f"{path}: not a training checkpoint (no state_dict)")
-    section = _nmt_moe_section(checkpoint.get("nmt_moe"), path)
+    section = nmt_moe_section(checkpoint.get("nmt_moe"), path)
     if not isinstance(section.get("tokenizer"), bytes):
         raise ModelLoadError(f"{path}: checkpoint carries no SentencePiece model (nmt_moe.tokenizer)")
     state = {
@@ -188,7 +188,7 @@ def check_resumable(
     other pieces.
     """
     where = Path(where)
-    section = _nmt_moe_section(checkpoint.get("nmt_moe"), where)
+    section = nmt_moe_section(checkpoint.get("nmt_moe"), where)
     saved, now = section["model_config"], model.config
     state = {
         key[len(MODEL_PREFIX) :]: value
@@ -277,83 +277,11 @@ def _is_bundle(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-# --- averaging ---------------------------------------------------------------------------------------------
-
-
-def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
-    """Element-wise mean of the floating-point weights of training checkpoints of one model.
-
-    Integer buffers are taken from the last checkpoint. The result keeps the last checkpoint's `nmt_moe`
-    section, hyper-parameters and step counters, but no optimizer state: it is for translating and
-    exporting, not for resuming training.
-    """
-    if not paths:
-        raise ModelLoadError("no checkpoints to average")
-    total: dict[str, Tensor] = {}
-    last: dict[str, Any] = {}
-    reference_config = None
-    for path in map(Path, paths):
-        checkpoint = load_weights_only(path)
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ModelLoadError(f"{path}: not a training checkpoint (no state_dict)")
-        config = _nmt_moe_section(checkpoint.get("nmt_moe"), path)["model_config"]
-        if reference_config is None:
-            reference_config = config
-        elif config != reference_config:
-            raise ModelLoadError(
-                f"{path}: model config differs from {paths[0]}; average one model's checkpoints"
-            )
-        state = checkpoint["state_dict"]
-        if total and state.keys() != total.keys():
-            raise ModelLoadError(f"{path}: parameter names differ from {paths[0]}")
-        for key, value in state.items():
-            if key in total and total[key].shape != value.shape:
-                raise ModelLoadError(
-                    f"{path}: {key} has shape {tuple(value.shape)}, not {tuple(total[key].shape)}"
-                )
-            if value.is_floating_point():
-                total[key] = total[key] + value.double() if key in total else value.double()
-            else:
-                total[key] = value
-        last = checkpoint
-    averaged = {
-        key: (value / len(paths)).to(last["state_dict"][key].dtype) if value.is_floating_point() else value
-        for key, value in total.items()
-    }
-    kept = ("nmt_moe", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")
-    result = {key: last[key] for key in kept if key in last}
-    result["state_dict"] = averaged
-    result["averaged_from"] = [str(p) for p in paths]
-    return result
-
-
-def last_checkpoints(directory: str | Path, n: int) -> list[Path]:
-    """The `n` latest checkpoints in `directory`, oldest first.
-
-    Order is the `step=N` in Lightning's file names (file modification time where a name has none);
-    `last*.ckpt` copies are skipped since they duplicate the newest checkpoint.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ModelLoadError(f"{directory}: not a directory")
-    found = [p for p in directory.glob("*.ckpt") if not p.name.startswith("last")]
-
-    def order(path: Path) -> tuple[float, float]:
-        step = re.search(r"step=(\d+)", path.name)
-        return (float(step[1]) if step else -1.0, path.stat().st_mtime)
-
-    found.sort(key=order)
-    if len(found) < n:
-        raise ModelLoadError(
-            f"{directory}: has {len(found)} checkpoints (last*.ckpt excluded), fewer than {n}"
-        )
-    return found[-n:]
-
-
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def _run(prog: str, action: Any) -> int:
+def run_cli(prog: str, action: Any) -> int:
+    """Run a CLI's `action`; a ModelLoadError becomes a one-line message and exit code 2."""
     try:
         action()
     except ModelLoadError as error:
@@ -378,34 +306,4 @@ def export_main(argv: list[str]) -> int:
         export_bundle(args.checkpoint, args.output)
         print(f"exported {args.checkpoint} -> {args.output}", file=sys.stderr)
 
-    return _run(parser.prog, action)
-
-
-def average_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nmt-moe average",
-        description="Average the weights of several checkpoints of one training run into a new checkpoint "
-        "(for translating or exporting; optimizer state is dropped).",
-    )
-    parser.add_argument("checkpoints", nargs="*", type=Path, help="checkpoints to average")
-    parser.add_argument(
-        "--last", nargs=2, metavar=("N", "DIR"), help="average the N latest checkpoints in DIR"
-    )
-    parser.add_argument("-o", "--output", type=Path, required=True, help="checkpoint file to write")
-    args = parser.parse_args(argv)
-    if bool(args.checkpoints) == bool(args.last):
-        parser.error("give either checkpoint paths or --last N DIR")
-
-    def action() -> None:
-        if args.last:
-            if not args.last[0].isdigit() or int(args.last[0]) < 1:
-                raise ModelLoadError(f"--last N must be a positive integer, got {args.last[0]!r}")
-            paths = last_checkpoints(args.last[1], int(args.last[0]))
-        else:
-            paths = args.checkpoints
-        averaged = average_checkpoints(paths)
-        with atomic_write(args.output) as handle:
-            torch.save(averaged, handle)
-        print(f"averaged {len(paths)} checkpoints -> {args.output}", file=sys.stderr)
-
-    return _run(parser.prog, action)
+    return run_cli(parser.prog, action)

@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "translate": ("nmt_moe.decoding.translate", "translate a file or stdin with greedy or beam search"),
     "evaluate": ("nmt_moe.evaluation", "score hypotheses against references with sacreBLEU"),
     "export": ("nmt_moe.checkpoint", "write a self-contained model bundle from a training checkpoint"),
-    "average": ("nmt_moe.checkpoint", "average the parameters of several checkpoints"),
+    "average": ("nmt_moe.averaging", "average the parameters of several checkpoints"),
     "plan": ("nmt_moe.plan", "size a recipe without allocating it: parameters, FLOPs, memory per device"),
     "routing": ("nmt_moe.routing", "report which tokens and languages each expert receives"),
 }

@@ -24,12 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def metrics_files(run: Path) -> list[Path]:
     """The CSV logs of a recipe run directory (or of a training root directory), oldest first."""
-    found = sorted(
-        (run / "train" / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])
-    ) or sorted((run / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
-    if not found:
-        raise FileNotFoundError(f"{run}: no csv/version_*/metrics.csv (train with --wandb off)")
-    return found
+    for logs in (run / "train" / "csv", run / "csv"):
+        found = sorted(logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+        if found:
+            return found
+    raise FileNotFoundError(f"{run}: no csv/version_*/metrics.csv (train with --wandb off)")
 
 
 def val_bleu(logs: list[Path]) -> list[tuple[int, float]]:
@@ -73,13 +72,11 @@ def main() -> None:
             parser.error(f"expected LABEL=RUN_DIR, got {spec!r}")
         logs = metrics_files(Path(directory))
         points = val_bleu(logs)
-        pace = minutes_per_step(logs[0]) if args.x == "minutes" else 1.0
+        summary[label] = {"val_bleu": points}
+        pace = 1.0
+        if args.x == "minutes":
+            pace = summary[label]["minutes_per_step"] = minutes_per_step(logs[0])
         ax.plot([s * pace for s, _ in points], [b for _, b in points], marker="o", label=label)
-        summary[label] = (
-            {"minutes_per_step": round(pace, 4), "val_bleu": points}
-            if args.x == "minutes"
-            else {"val_bleu": points}
-        )
     ax.set_xlabel("training wall clock (minutes)" if args.x == "minutes" else "training step")
     ax.set_ylabel("validation BLEU (greedy)")
     ax.grid(alpha=0.3)

@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from nmt_moe.averaging import average_checkpoints, average_main, last_checkpoints
 from nmt_moe.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     ModelLoadError,
     atomic_write,
-    average_checkpoints,
-    average_main,
     export_bundle,
     export_main,
-    last_checkpoints,
     load_model,
     save_checkpoint,
 )

@@ -206,8 +206,8 @@ def test_second_sigint_stops_at_once_without_saving(tmp_path: Path) -> None:
 
 
 def test_interrupt_checkpoint_goes_where_last_ckpt_is_kept(tmp_path: Path) -> None:
-    """A recipe's first ModelCheckpoint may be its averaging one; the interrupt checkpoint must not land
-    there (it would be averaged) but beside the callback that keeps last.ckpt, where resuming looks."""
+    """A recipe's first ModelCheckpoint may be its averaging one; the interrupt checkpoint must land beside
+    the callback that keeps last.ckpt, where run.sh and users look for a run to resume."""
     average = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "average", every_n_train_steps=100)
     keeps_last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     trainer = pl.Trainer(

@@ -67,16 +67,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
 def _save_dir(trainer: pl.Trainer, dirpath: str | None) -> Path:
     """Where interrupt/fault checkpoints go: `dirpath`, else the directory of the ModelCheckpoint that writes
     `last.ckpt` (save_last, or filename "last"), else the first ModelCheckpoint's, else
-    `<default_root_dir>/checkpoints`. A recipe's extra checkpoint callbacks (the averaging one) must not
-    receive it: a stray `last.ckpt` there would be taken for one of the checkpoints to average.
+    `<default_root_dir>/checkpoints`. Beside the regular last.ckpt is where people and the recipes' run.sh
+    look for a run to resume; a recipe's extra checkpoint callback (the averaging one) may come first.
     `nmt-moe train` sets `dirpath` to `<default_root_dir>/checkpoints` explicitly."""
     if dirpath:
         return Path(dirpath)
     callbacks = [c for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-    keeping_last = [c for c in callbacks if getattr(c, "save_last", False) or c.filename == "last"]
-    if keeping_last or callbacks:
-        return Path((keeping_last or callbacks)[0].dirpath)
-    return Path(trainer.default_root_dir) / "checkpoints"
+    callbacks.sort(key=lambda c: not (getattr(c, "save_last", False) or c.filename == "last"))  # stable
+    return Path(callbacks[0].dirpath) if callbacks else Path(trainer.default_root_dir) / "checkpoints"
 
 
 def _say(trainer: pl.Trainer, message: str) -> None:

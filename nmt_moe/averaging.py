@@ -1,0 +1,119 @@
+"""Checkpoint averaging: the element-wise mean of the last checkpoints of a run (`nmt-moe average`).
+
+Averaging the weights of the final few checkpoints smooths out the noise of the last updates; the recipes
+average the newest 3 of their periodic `step=N` checkpoints before exporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_weights_only, nmt_moe_section, run_cli
+
+
+def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Element-wise mean of the floating-point weights of training checkpoints of one model.
+
+    Integer buffers are taken from the last checkpoint. The result keeps the last checkpoint's `nmt_moe`
+    section, hyper-parameters and step counters, but no optimizer state: it is for translating and
+    exporting, not for resuming training.
+    """
+    if not paths:
+        raise ModelLoadError("no checkpoints to average")
+    total: dict[str, Tensor] = {}
+    last: dict[str, Any] = {}
+    reference_config = None
+    for path in map(Path, paths):
+        checkpoint = load_weights_only(path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ModelLoadError(f"{path}: not a training checkpoint (no state_dict)")
+        config = nmt_moe_section(checkpoint.get("nmt_moe"), path)["model_config"]
+        if reference_config is None:
+            reference_config = config
+        elif config != reference_config:
+            raise ModelLoadError(
+                f"{path}: model config differs from {paths[0]}; average one model's checkpoints"
+            )
+        state = checkpoint["state_dict"]
+        if total and state.keys() != total.keys():
+            raise ModelLoadError(f"{path}: parameter names differ from {paths[0]}")
+        for key, value in state.items():
+            if key in total and total[key].shape != value.shape:
+                raise ModelLoadError(
+                    f"{path}: {key} has shape {tuple(value.shape)}, not {tuple(total[key].shape)}"
+                )
+            if value.is_floating_point():
+                total[key] = total[key] + value.double() if key in total else value.double()
+            else:
+                total[key] = value
+        last = checkpoint
+    averaged = {
+        key: (value / len(paths)).to(last["state_dict"][key].dtype) if value.is_floating_point() else value
+        for key, value in total.items()
+    }
+    kept = ("nmt_moe", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")
+    result = {key: last[key] for key in kept if key in last}
+    result["state_dict"] = averaged
+    result["averaged_from"] = [str(p) for p in paths]
+    return result
+
+
+def last_checkpoints(directory: str | Path, n: int) -> list[Path]:
+    """The `n` latest checkpoints in `directory`, oldest first.
+
+    Order is the `step=N` in Lightning's file names (file modification time where a name has none);
+    `last*.ckpt` copies are skipped since they duplicate the newest checkpoint.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: not a directory")
+    found = [p for p in directory.glob("*.ckpt") if not p.name.startswith("last")]
+
+    def order(path: Path) -> tuple[float, float]:
+        step = re.search(r"step=(\d+)", path.name)
+        return (float(step[1]) if step else -1.0, path.stat().st_mtime)
+
+    found.sort(key=order)
+    if len(found) < n:
+        raise ModelLoadError(
+            f"{directory}: has {len(found)} checkpoints (last*.ckpt excluded), fewer than {n}"
+        )
+    return found[-n:]
+
+
+def average_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nmt-moe average",
+        description="Average the weights of several checkpoints of one training run into a new checkpoint "
+        "(for translating or exporting; optimizer state is dropped).",
+    )
+    parser.add_argument("checkpoints", nargs="*", type=Path, help="checkpoints to average")
+    parser.add_argument(
+        "--last", nargs=2, metavar=("N", "DIR"), help="average the N latest checkpoints in DIR"
+    )
+    parser.add_argument("-o", "--output", type=Path, required=True, help="checkpoint file to write")
+    args = parser.parse_args(argv)
+    if bool(args.checkpoints) == bool(args.last):
+        parser.error("give either checkpoint paths or --last N DIR")
+
+    def action() -> None:
+        if args.last:
+            if not args.last[0].isdigit() or int(args.last[0]) < 1:
+                raise ModelLoadError(f"--last N must be a positive integer, got {args.last[0]!r}")
+            paths = last_checkpoints(args.last[1], int(args.last[0]))
+        else:
+            paths = args.checkpoints
+        averaged = average_checkpoints(paths)
+        with atomic_write(args.output) as handle:
+            torch.save(averaged, handle)
+        print(f"averaged {len(paths)} checkpoints -> {args.output}", file=sys.stderr)
+
+    return run_cli(parser.prog, action)
