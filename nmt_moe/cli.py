@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from nmt_moe.allocator import keep_freed_memory
+
 # subcommand -> (module holding `main(argv: list[str]) -> int | None`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("nmt_moe.data.prepare", "clean, tokenize and cache a parallel corpus"),
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"nmt-moe: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    keep_freed_memory()  # before the first large tensor: training and decoding reuse their buffers
     module = importlib.import_module(SUBCOMMANDS[command][0])
     entry = getattr(module, f"{command}_main")
     return int(entry(rest) or 0)

@@ -151,8 +151,8 @@ def _lstm_macs(lstm: nn.LSTM | nn.LSTMCell) -> int:
 
 
 def _moe_macs(layer: MoELayer) -> int:
-    """Multiply-adds per routed token: the router matmuls (clean and noise projections: the gates compute
-    both, in evaluation too, for the load estimate) plus the experts the token visits."""
+    """Multiply-adds per routed token: the router matmuls (clean and noise projections, as in training; in
+    evaluation the noisy gates skip the noise one) plus the experts the token visits."""
     router = sum(p.numel() for p in layer.gate.parameters())  # d x E matmuls
     w_in, w_out = layer.experts.w_in, layer.experts.w_out  # [E, d, h_in], [E, h, d]
     per_expert = w_in[0].numel() + w_out[0].numel()

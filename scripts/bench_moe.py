@@ -2,7 +2,8 @@
 
 Prints one JSON object. Every implementation is timed interleaved with the others in the same run (round
 robin, one step each per round), repeated, and reported as medians; ratios compare medians from the same
-run. Defaults: 2 threads, fp32, d_model 512, d_hidden 1024, 4096 tokens, noisy_topk gate in training mode.
+run. Defaults: 2 threads, fp32, d_model 512, d_hidden 1024, 4096 tokens, noisy_topk gate in training mode,
+OpenMP and allocator settings as `nmt-moe` runs (see --omp-wait-policy and --malloc).
 
     python scripts/bench_moe.py                 # the target points (a few minutes)
     python scripts/bench_moe.py --grid full     # num_experts {8,32,128,512} x k {2,4}, both modes
@@ -37,8 +38,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--omp-wait-policy",
         choices=("passive", "active", "unset"),
-        default="passive",
-        help="OpenMP idle threads sleep (passive) or spin (active); passive is stable on a shared box",
+        default="unset",
+        help="OpenMP idle threads sleep (passive) or spin (active); unset: the OpenMP runtime's default "
+        "(spin briefly, then sleep), what torch does unless told otherwise. The MoE layer runs many short "
+        "parallel regions (a few per expert), so passive costs it more than the dense FFN",
     )
     parser.add_argument(
         "--thp",
@@ -47,17 +50,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="THP_MEM_ALLOC_ENABLE: back large tensors with transparent huge pages. Off is torch's default, "
         "what `nmt-moe train` runs with; on, 8 experts ran at 0.74-0.87x dense here (0.87-0.94x off)",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse (nmt_moe.allocator.keep_freed_memory, what every "
+        "`nmt-moe` command runs with); default: glibc's own settings, a page fault per 4 KB of each fresh "
+        "large buffer",
+    )
     parser.add_argument("--no-pypi", action="store_true", help="skip the PyPI mixture-of-experts baseline")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.omp_wait_policy != "unset":  # read by OpenMP when torch first starts its thread pool
+    os.environ.pop("OMP_WAIT_POLICY", None)  # read by OpenMP when torch first starts its thread pool
+    if args.omp_wait_policy != "unset":
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if args.thp == "on" else "0"  # read once, by torch's allocator
     import torch
 
+    from nmt_moe.allocator import keep_freed_memory
+
+    malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
@@ -70,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             "thp_mem_alloc_enable": os.environ["THP_MEM_ALLOC_ENABLE"],
+            "malloc": malloc,
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nmt_moe.allocator import keep_freed_memory
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from nmt_moe.models import Seq2Seq, parameter_counts
 from nmt_moe.moe import MoELayer
@@ -60,7 +61,15 @@ def main() -> None:
     parser.add_argument("--attention", default="general")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse, as `nmt-moe train` runs (nmt_moe.allocator); "
+        "default: glibc's own settings",
+    )
     args = parser.parse_args()
+    args.malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)

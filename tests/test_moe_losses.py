@@ -63,8 +63,11 @@ def test_batchwise_threshold_sum_by_hand() -> None:
     assert float(batchwise_threshold_sum(scores, torch.tensor([0.2, 0.5]), batch_mask)) == pytest.approx(0.1)
 
 
-def test_noisy_topk_losses_equal_hand_computed_values_on_a_fixed_input() -> None:
-    gate = NoisyTopKGate(d_model=2, num_experts=3, k=1).eval()  # eval: no noise sampled, H = xW_g
+def test_noisy_topk_losses_equal_hand_computed_values_on_a_fixed_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate = NoisyTopKGate(d_model=2, num_experts=3, k=1).train()
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # the noise draw is 0: H = xW_g
     with torch.no_grad():
         gate.w_gate.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))
         gate.w_noise.zero_()  # std = softplus(0) + 0.01
@@ -84,6 +87,8 @@ def test_noisy_topk_losses_equal_hand_computed_values_on_a_fixed_input() -> None
     ]
     assert routing.stats["load"].tolist() == pytest.approx(load, abs=1e-6)
     assert routing.losses["load"].item() == pytest.approx(cv_squared(torch.tensor(load)).item(), rel=1e-5)
+    # eval mode has no noise, so no smooth estimate: "load" is the hard counts
+    assert gate.eval()(x).stats["load"].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_smooth_load_estimate_tracks_the_true_top_k_counts() -> None:

@@ -82,7 +82,7 @@ class NoisyTopKGate(nn.Module):
     """Shazeer et al. (2017): H = xW_g + N(0,1)·(softplus(xW_noise) + ε), keep the top k, softmax over them.
 
     Losses: "importance" = CV²(Σ gates per expert), "load" = CV²(smooth load estimate). With `noise=False`
-    the smooth estimate is undefined and "load" is the CV² of the hard counts (no gradient).
+    (and in eval mode) the smooth estimate is undefined and "load" is the CV² of the hard counts.
     W_g and W_noise start at zero as in the paper, so training noise breaks the initial ties.
     """
 
@@ -95,13 +95,13 @@ class NoisyTopKGate(nn.Module):
         self.w_noise = _router_weight(d_model, num_experts, zero=True) if noise else None
 
     def scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """clean logits, (noisy) logits H and the noise std, each [N, E]."""
+        """clean logits, (noisy) logits H and the noise std, each [N, E]; no noise (None) in eval mode, where
+        "load" is then the hard counts and decoding skips the noise matmul and the smooth estimate."""
         clean = x @ self.w_gate.float()
-        if self.w_noise is None:
+        if self.w_noise is None or not self.training:
             return clean, clean, None
         noise_std = softplus_noise_std(x @ self.w_noise.float(), self.noise_epsilon)
-        noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
-        return clean, noisy, noise_std
+        return clean, clean + torch.randn_like(clean) * noise_std, noise_std
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
         clean, noisy, noise_std = self.scores(x)
