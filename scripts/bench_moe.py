@@ -48,7 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=("on", "off"),
         default="off",
         help="THP_MEM_ALLOC_ENABLE: back large tensors with transparent huge pages. Off is torch's default, "
-        "what `nmt-moe train` runs with; on, 8 experts ran at 0.74-0.87x dense here (0.87-0.94x off)",
+        "what `nmt-moe train` runs with; on, 8 experts ran at 0.74-0.87x dense here (0.87-0.94x off; commit "
+        "08f5b46 with --omp-wait-policy passive)",
     )
     parser.add_argument(
         "--malloc",

@@ -12,8 +12,8 @@ from nmt_moe.allocator import keep_freed_memory
 # Allocates and frees the same large tensors (16 and 40 MB: below and above glibc's dynamic mmap threshold)
 # round after round and prints the minor page faults of the last five rounds. The first rounds grow the heap
 # (a freed 40 MB block is split for the next 16 MB one until free blocks have coalesced), as the first steps
-# of a training run do. Runs in a fresh interpreter because
-# the allocator settings are process-wide and only apply to memory allocated after them.
+# of a training run do. Runs in a fresh interpreter because the allocator settings are process-wide and
+# only apply to memory allocated after them.
 PROGRAM = """
 import resource, sys
 import torch

@@ -104,11 +104,11 @@ class _SortedExpertFFN(torch.autograd.Function):
         return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
-    """x @ weight (+ bias), written into `out` when given."""
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """out = x @ weight (+ bias), written in place; returns `out`."""
     if bias is None:
-        return torch.mm(x, weight) if out is None else torch.mm(x, weight, out=out)
-    return torch.addmm(bias, x, weight) if out is None else torch.addmm(bias, x, weight, out=out)
+        return torch.mm(x, weight, out=out)
+    return torch.addmm(bias, x, weight, out=out)
 
 
 def _grad_buffer(like: Tensor, parts: list[tuple[int, slice]]) -> Tensor:
