@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 
 from nmt_moe.cli import main
 
@@ -189,6 +190,9 @@ def test_wandb_offline_run_holds_metrics_pictures_and_samples(
         "4",
     )
     assert train("fit", data, root, *args) == 0
+    # run.finish() only tells the W&B service process that the run is over; the service closes (and flushes)
+    # the run file afterwards. teardown() waits for the service to exit, so the file is complete when read.
+    wandb.teardown()
     runs = list((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "expected one offline W&B run under <default_root_dir>/wandb"
     records = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records: metric names appear verbatim
