@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmt_moe.moe.cpu_threads import for_each_expert
+
 ACTIVATIONS = ("relu", "swiglu")
 
 
@@ -65,12 +67,15 @@ class _SortedExpertFFN(torch.autograd.Function):
         parts = _slices(counts)
         pre = x.new_empty(x.shape[0], w_in.shape[-1])  # [A, h_in]; relu: overwritten by relu(pre)
         out = x.new_empty(x.shape[0], w_out.shape[-1])  # [A, d]
-        for e, rows in parts:
+
+        def expert_forward(e: int, rows: slice) -> None:
             pre_e = _linear(x[rows], w_in[e], None if b_in is None else b_in[e], out=pre[rows])
             hidden_e = pre_e.relu_() if activation == "relu" else _activate(pre_e, activation)  # [n_e, h]
             if dropout_mask is not None:
                 hidden_e = hidden_e * dropout_mask[rows]
             _linear(hidden_e, w_out[e], None if b_out is None else b_out[e], out=out[rows])
+
+        for_each_expert(parts, expert_forward, x.device)
         ctx.save_for_backward(x, pre, w_in, w_out, dropout_mask)
         ctx.parts, ctx.activation, ctx.has_bias = parts, activation, b_in is not None
         return out
@@ -84,7 +89,8 @@ class _SortedExpertFFN(torch.autograd.Function):
         grad_b_in = _grad_buffer(w_in[:, 0], parts) if ctx.has_bias else None  # [E, h_in]
         grad_b_out = _grad_buffer(w_out[:, 0], parts) if ctx.has_bias else None  # [E, d]
         grad_x = x.new_empty(x.shape) if ctx.needs_input_grad[0] else None
-        for e, rows in parts:
+
+        def expert_backward(e: int, rows: slice) -> None:
             pre_e, g = pre[rows], grad_out[rows]
             hidden_e = pre_e if activation == "relu" else _activate(pre_e, activation)  # swiglu: recomputed
             if dropout_mask is not None:
@@ -101,6 +107,8 @@ class _SortedExpertFFN(torch.autograd.Function):
                 torch.sum(grad_pre, 0, out=grad_b_in[e])
             if grad_x is not None:
                 torch.mm(grad_pre, w_in[e].t(), out=grad_x[rows])
+
+        for_each_expert(parts, expert_backward, x.device)
         return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
