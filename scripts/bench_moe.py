@@ -7,6 +7,7 @@ OpenMP and allocator settings as `nmt-moe` runs (see --omp-wait-policy and --mal
 
     python scripts/bench_moe.py                 # the issue's target points (a few minutes)
     python scripts/bench_moe.py --grid full     # num_experts {8,32,128,512} x k {2,4}, both modes
+    python scripts/bench_moe.py --grid workers  # CPU expert workers against the serial expert loop
 
 "fwd+bwd": training-mode forward (aux losses included) and backward with a random output gradient.
 "fwd": eval-mode forward under torch.inference_mode (what decoding runs).
@@ -28,7 +29,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--grid", choices=("targets", "full"), default="targets")
+    parser.add_argument(
+        "--grid",
+        choices=("targets", "full", "workers"),
+        default="targets",
+        help="workers: fwd+bwd at 8-128 experts and forward at 128, each also timed with the experts run "
+        "one after another on all threads (no CPU workers, see nmt_moe/moe/cpu_threads.py)",
+    )
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-hidden", type=int, default=1024)
@@ -59,6 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "`nmt-moe` command runs with); default: glibc's own settings, a page fault per 4 KB of each fresh "
         "large buffer",
     )
+    parser.add_argument(
+        "--always-workers",
+        action="store_true",
+        help="share the experts out over CPU workers whenever the loads balance, ignoring the layer's "
+        "thresholds (nmt_moe/moe/cpu_threads.py); with --grid workers, shows where workers pay on a machine",
+    )
     parser.add_argument("--no-pypi", action="store_true", help="skip the PyPI mixture-of-experts baseline")
     return parser.parse_args(argv)
 
@@ -72,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from nmt_moe.allocator import keep_freed_memory
+    from nmt_moe.moe import cpu_threads
 
     malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"
+    if args.always_workers:
+        cpu_threads.MIN_EXPERTS_PER_WORKER = cpu_threads.MIN_ROWS_PER_WORKER = 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
@@ -87,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             "thp_mem_alloc_enable": os.environ["THP_MEM_ALLOC_ENABLE"],
             "malloc": malloc,
+            "min_experts_per_worker": cpu_threads.MIN_EXPERTS_PER_WORKER,
+            "min_rows_per_worker": cpu_threads.MIN_ROWS_PER_WORKER,
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
@@ -113,6 +131,12 @@ def cases(args: argparse.Namespace) -> list[dict]:
             for k in (2, 4)
             for e in (8, 32, 128, 512)
         ]
+    elif args.grid == "workers":
+        grid = [
+            dict(mode="fwd+bwd", num_experts=e, k=2, tokens=args.tokens, pypi=False)
+            for e in (8, 16, 32, 64, 128)
+        ]
+        return grid + [dict(mode="fwd", num_experts=128, k=2, tokens=args.tokens, pypi=False)]
     else:
         grid = [
             dict(mode="fwd+bwd", num_experts=8, k=2, tokens=args.tokens, pypi=False),
@@ -146,6 +170,8 @@ def run_case(args: argparse.Namespace, mode: str, num_experts: int, k: int, toke
             FeedForward(d_model, k * d_hidden, bias=False), x, grad, mode, lambda out: (out, None)
         ),
     }
+    if args.grid == "workers":
+        impls["moe_serial"] = serial_experts(impls["moe"])
     if pypi:
         from mixture_of_experts import MoE
 
@@ -172,6 +198,8 @@ def run_case(args: argparse.Namespace, mode: str, num_experts: int, k: int, toke
     for name in ("pypi", "pypi_all", "pypi_1group"):
         if name in times:
             row[f"moe_vs_{name}"] = round(times[name] / times["moe"], 3)
+    if "moe_serial" in times:
+        row["workers_vs_serial"] = round(times["moe_serial"] / times["moe"], 3)  # >1: the workers help
     row["moe_us_per_token"] = round(1e6 * times["moe"] / tokens, 2)
     return row
 
@@ -203,6 +231,21 @@ def make_step(module, x, grad, mode: str, unpack) -> Callable[[], None]:
         torch.autograd.backward(tensors, grads)
 
     return train_step
+
+
+def serial_experts(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with the experts run one after another on all threads, as below the workers' threshold."""
+    from nmt_moe.moe import cpu_threads
+
+    def serial_step() -> None:
+        threshold = cpu_threads.MIN_EXPERTS_PER_WORKER
+        cpu_threads.MIN_EXPERTS_PER_WORKER = sys.maxsize
+        try:
+            step()
+        finally:
+            cpu_threads.MIN_EXPERTS_PER_WORKER = threshold
+
+    return serial_step
 
 
 def time_interleaved(impls: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:

@@ -1,13 +1,13 @@
 """Per-expert CPU work on single-threaded workers: each worker runs whole experts, one group of them.
 
 Why: with 32 experts, 4,096 tokens and k = 2 each expert sees ~256 rows, and MKL splits GEMMs that small
-over its threads poorly: an expert's two forward GEMMs ran at 138-141 GFLOP/s on 2 threads here, one
-expert after another, and at 162-165 when each of 2 single-threaded workers ran those of half the experts
-(the experts are independent: nothing to synchronise but the end). With few experts per worker it does
-not pay (8 experts, 4 per worker: 2-9% slower fwd+bwd than the serial loop; 16: even; 32: 1-14% faster;
-64: 22%), so `balanced_groups` only splits from MIN_EXPERTS_PER_WORKER up. Used by
-`experts._SortedExpertFFN` on CPU; elsewhere (GPU, one thread, few experts, lopsided loads) the experts
-run one after another, each GEMM on all of torch's threads.
+over its threads poorly. The experts are independent (nothing to synchronise but the end), so one
+single-threaded worker per thread, each running whole experts, does better: fwd+bwd 1.03-1.19x the serial
+loop at 32 experts, 1.09-1.39x at 128 (`scripts/bench_moe.py --grid workers`, docs/SPEED.md). With 4
+experts per worker it does not pay, with 8 it breaks even, and small batches (decoding) lose to the
+hand-off, hence MIN_EXPERTS_PER_WORKER and MIN_ROWS_PER_WORKER.
+Used by `experts._SortedExpertFFN` on CPU; elsewhere (GPU, one thread, few experts, lopsided loads) the
+experts run one after another, each GEMM on all of torch's threads.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-MIN_EXPERTS_PER_WORKER = 12  # measured: 4 per worker lose, 8 break even, 16 win (2 workers, see above)
-MIN_ROWS_PER_WORKER = 128  # below this the hand-off to the workers costs more than it can save
+MIN_EXPERTS_PER_WORKER = 12  # measured with 2 workers (see above); tune with bench_moe --grid workers
+MIN_ROWS_PER_WORKER = 512  # 320 rows per worker (32 experts, 320 tokens, k = 2) ran 0.92x serial
 MAX_IMBALANCE = 1.1  # the fullest worker may hold this many times the mean rows, or all run serially
 
 _pool: ThreadPoolExecutor | None = None
