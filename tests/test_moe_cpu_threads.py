@@ -167,3 +167,20 @@ def test_a_forked_child_starts_its_own_workers(two_threads: None) -> None:
         child.kill()
         pytest.fail("the forked child hung on the parent's worker pool")
     assert child.exitcode == 0 and queue.get(timeout=5) == 200 * NUM_EXPERTS
+
+
+def test_a_new_thread_count_gets_a_new_pool(two_threads: None) -> None:
+    parts = _slices([200] * 3 * MIN_EXPERTS_PER_WORKER)
+    seen: set[tuple[str, int]] = set()
+    lock = threading.Lock()
+
+    def work(expert: int, rows: slice) -> None:
+        with lock:
+            seen.add((threading.current_thread().name, torch.get_num_threads()))
+
+    for_each_expert(parts, work, torch.device("cpu"))
+    torch.set_num_threads(3)
+    for_each_expert(parts, work, torch.device("cpu"))
+    assert torch.get_num_threads() == 3
+    assert {threads for _, threads in seen} == {1}
+    assert cpu_threads._pool is not None and cpu_threads._pool[0] == 3

@@ -23,7 +23,7 @@ MIN_EXPERTS_PER_WORKER = 12  # measured with 2 workers (see above); tune with be
 MIN_ROWS_PER_WORKER = 512  # 320 rows per worker (32 experts, 320 tokens, k = 2) ran 0.92x serial
 MAX_IMBALANCE = 1.1  # the fullest worker may hold this many times the mean rows, or all run serially
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
 _pool_lock = threading.Lock()
 
 
@@ -81,14 +81,15 @@ def _worker_pool(threads: int) -> ThreadPoolExecutor:
     """The process's pool of `threads` single-threaded workers, started now if needed."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers != threads:
+        if _pool is None or _pool[0] != threads:  # first use, or torch.set_num_threads changed the count
             if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(threads, "nmt-moe-experts", initializer=_single_threaded_worker)
-            started = threading.Barrier(threads)
-            list(_pool.map(lambda _: started.wait(), range(threads)))  # every worker initialised
+                _pool[1].shutdown(wait=False)
+            pool = ThreadPoolExecutor(threads, "nmt-moe-experts", initializer=_single_threaded_worker)
+            started = threading.Barrier(threads)  # holds each task until all `threads` workers exist
+            list(pool.map(lambda _: started.wait(), range(threads)))
             torch.set_num_threads(threads)  # ... but also torch's default for new threads: restore it
-        return _pool
+            _pool = (threads, pool)
+        return _pool[1]
 
 
 def _forget_pool_after_fork() -> None:
