@@ -100,8 +100,8 @@ class NoisyTopKGate(nn.Module):
         if self.w_noise is None or not self.training:
             clean = x @ self.w_gate.float()
             return clean, clean, None
-        # one GEMM for both: fwd+bwd of x @ [W_g | W_noise] took 5.2 ms against 13.8 ms for two (4,096
-        # tokens, 8 experts; the backward of a GEMM this narrow is mostly fixed cost)
+        # one GEMM for both: fwd+bwd of x @ [W_g | W_noise] took 4.1-4.6 ms against 13.2-14.3 ms for two
+        # (4,096 tokens, 8 experts, docs/SPEED.md); a GEMM this narrow is mostly fixed cost
         both = x @ torch.cat([self.w_gate, self.w_noise], dim=1).float()  # [N, 2E]
         clean, noise_logits = both.split(self.num_experts, dim=1)
         noise_std = softplus_noise_std(noise_logits, self.noise_epsilon)
