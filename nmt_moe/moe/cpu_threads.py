@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 MIN_EXPERTS_PER_WORKER = 12  # measured with 2 workers (see above); tune with bench_moe --grid workers
-MIN_ROWS_PER_WORKER = 512  # 320 rows per worker (32 experts, 320 tokens, k = 2) ran 0.92x serial
+MIN_ROWS_PER_WORKER = 512  # 320 rows per worker (32 experts, 320 tokens, k = 2) ran 0.94x serial
 MAX_IMBALANCE = 1.1  # the fullest worker may hold this many times the mean rows, or all run serially
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
@@ -51,9 +51,11 @@ def balanced_groups(parts: Sequence[tuple[int, slice]], workers: int) -> list[li
     """Split the parts into `workers` groups of similar row counts (largest first, each to the emptiest
     group), or None when the serial loop is better: too few experts or rows per worker, or loads that do not
     balance."""
+    if workers < 2 or len(parts) < workers * MIN_EXPERTS_PER_WORKER:  # checked first: runs at every call
+        return None
     rows = [part[1].stop - part[1].start for part in parts]
     total = sum(rows)
-    if workers < 2 or len(parts) < workers * MIN_EXPERTS_PER_WORKER or total < workers * MIN_ROWS_PER_WORKER:
+    if total < workers * MIN_ROWS_PER_WORKER:
         return None
     groups: list[list[tuple[int, slice]]] = [[] for _ in range(workers)]
     loads = [0] * workers
