@@ -1,4 +1,4 @@
-"""`nmt-moe prepare`: flags or a training config in, summary out, clear errors with exit code 1."""
+"""`nmt-moe prepare`: flags or a training config in, summary out, bad input exits 2 with one error line."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_reads_data_section_of_a_training_config(tmp_path: Path, capsys: pytest.
     assert "vocab size 120" in out  # the flag overrode the file
 
 
-def test_bad_input_exits_1_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "x.en").write_text("a\nb\n")
     (tmp_path / "x.de").write_text("a\n")
     flags = [
@@ -74,5 +74,37 @@ def test_bad_input_exits_1_with_the_reason(tmp_path: Path, capsys: pytest.Captur
         str(tmp_path),
     ]
     code = prepare_main(flags)
-    assert code == 1
+    assert code == 2
     assert "x.en has 2 lines" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--src_lang", "en", "--tgt_lang", "de", "--vocab_size", "abc"], "vocab_size"),
+        (["--config", "/nonexistent/c.yaml"], "config file not found"),
+        (["--src_lang", "en", "--tgt_lang", "de", "--train", "/nonexistent/t"], "missing"),
+        (["--bogus", "1"], "unrecognized"),
+    ],
+)
+def test_bad_flags_and_files_exit_2_with_one_line(
+    tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert prepare_main([*flags, "--cache_dir", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: ") and message in lines[0], lines
+
+
+def test_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    flags = ["--src_lang", "en", "--tgt_lang", "de", "--train", str(tmp_path / "nowhere")]
+    run = subprocess.run(
+        [sys.executable, "-m", "nmt_moe.cli", "prepare", *flags, "--cache_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr and "missing" in run.stderr

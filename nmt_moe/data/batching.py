@@ -49,21 +49,29 @@ def bucket_batches(
             "or lower max_tokens_per_sentence"
         )
     tiebreak = rng.permutation(len(longest)) if rng is not None else np.arange(len(longest))
-    order = np.lexsort((tiebreak, tgt_lengths, src_lengths))
-
-    batches: list[np.ndarray] = []
-    start, widest = 0, 0
-    for position, index in enumerate(order.tolist()):
-        wider = max(widest, int(longest[index]))
-        if (position - start + 1) * wider > max_tokens and position > start:
-            batches.append(order[start:position])
-            start, wider = position, int(longest[index])
-        widest = wider
-    if start < len(order):
-        batches.append(order[start:])
+    order = np.lexsort((tiebreak, tgt_lengths, src_lengths))  # [N] pair indices in length order
+    ends = _batch_ends(longest[order], max_tokens)
+    batches = np.split(order, ends[:-1]) if len(order) else []
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def _batch_ends(widths: np.ndarray, max_tokens: int) -> np.ndarray:
+    """End positions of greedy batches over `widths` [N] (longer side per pair, in batch order).
+
+    Same cut as a pair-by-pair loop (a batch grows while size * widest <= max_tokens; its first pair
+    always joins), but one numpy step per batch: a batch starting at width w holds at most
+    max_tokens // w pairs, so the next cut lies within that many + 1 positions.
+    """
+    ends, start, n = [], 0, len(widths)
+    while start < n:
+        window = min(n - start, max(1, max_tokens // max(1, int(widths[start]))) + 1)
+        widest = np.maximum.accumulate(widths[start : start + window])  # [window]
+        cost = widest * np.arange(1, window + 1)  # nondecreasing: padded tokens of each prefix
+        start += max(1, int(np.searchsorted(cost, max_tokens, side="right")))
+        ends.append(start)
+    return np.asarray(ends, dtype=np.int64)
 
 
 def split_for_ranks(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
@@ -84,12 +92,17 @@ def split_for_ranks(batches: list[np.ndarray], world_size: int) -> list[np.ndarr
 def padding_fraction(
     batches: Sequence[np.ndarray], src_lengths: np.ndarray, tgt_lengths: np.ndarray
 ) -> float:
-    """Share of PAD positions in the source and target tensors of these batches together."""
-    real = padded = 0
-    for batch in batches:
-        src, tgt = src_lengths[batch], tgt_lengths[batch]
-        real += int(src.sum() + tgt.sum())
-        padded += len(batch) * int(src.max() + tgt.max())
+    """Share of PAD positions in the source and target tensors of these batches together (vectorised)."""
+    batches = [batch for batch in batches if len(batch)]
+    if not batches:
+        return 0.0
+    sizes = np.array([len(batch) for batch in batches], dtype=np.int64)  # [n_batches]
+    flat = np.concatenate(batches)  # [pairs]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # [n_batches] first position of each batch
+    src = np.asarray(src_lengths, dtype=np.int64)[flat]
+    tgt = np.asarray(tgt_lengths, dtype=np.int64)[flat]
+    widest = np.maximum.reduceat(src, starts) + np.maximum.reduceat(tgt, starts)  # [n_batches]
+    real, padded = int(src.sum() + tgt.sum()), int((sizes * widest).sum())
     return 1.0 - real / padded if padded else 0.0
 
 

@@ -21,6 +21,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from nmt_moe.data.batching import TokenBatchSampler, collate_pairs, padding_fraction
 from nmt_moe.data.cleaning import CleaningConfig
+from nmt_moe.data.columns import read_lengths
 from nmt_moe.data.pipeline import PipelineConfig, PreparedData, prepare
 from nmt_moe.data.tokenizer import Tokenizer
 
@@ -47,11 +48,6 @@ class EncodedSplit(torch.utils.data.Dataset):
         ]
 
 
-def _lengths(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    numeric = ds.select_columns(["src_len", "tgt_len"]).with_format("numpy")
-    return np.asarray(numeric["src_len"]), np.asarray(numeric["tgt_len"])
-
-
 class TranslationDataModule(pl.LightningDataModule):
     """Local files or a hub WMT set, cleaned, SentencePiece-encoded, cached, and batched by token budget.
 
@@ -66,6 +62,13 @@ class TranslationDataModule(pl.LightningDataModule):
         cache_dir: where prepared data lives (default $NMT_MOE_CACHE or ~/.cache/nmt_moe).
         vocab_size, spm_model_type, character_coverage, byte_fallback, joint_vocab: SentencePiece settings
             (joint_vocab=False trains one model per side, both of vocab_size pieces).
+        spm_input_sentence_size: sentences SentencePiece trains on, drawn at random (seeded) from
+            larger corpora without reading the rest; 0 uses every sentence.
+        spm_seed: seeds that draw and SentencePiece itself: same data and settings give the same model.
+        spm_num_threads: SentencePiece threads (default: the machine's cores); the model depends on
+            it, so it is part of the cache key; fix it to share vocabularies across machines.
+        content_key: find the cache by the corpus files' bytes rather than their paths and mtimes, so
+            a copied corpus is found (costs one read of the files per run).
         normalize_whitespace, drop_empty, dedup, max_tokens_per_sentence, max_length_ratio: training-set
             cleaning; lengths count tokens as in the batch tensors (with BOS/EOS).
         target_lang_token: prepend `<2{tgt_lang}>` to every source (reserved as a SentencePiece symbol).
@@ -93,6 +96,9 @@ class TranslationDataModule(pl.LightningDataModule):
         byte_fallback: bool = False,
         joint_vocab: bool = True,
         spm_input_sentence_size: int = 2_000_000,
+        spm_seed: int = 0,
+        spm_num_threads: int | None = None,
+        content_key: bool = False,
         normalize_whitespace: bool = True,
         drop_empty: bool = True,
         dedup: bool = False,
@@ -122,6 +128,9 @@ class TranslationDataModule(pl.LightningDataModule):
             byte_fallback=byte_fallback,
             joint_vocab=joint_vocab,
             spm_input_sentence_size=spm_input_sentence_size,
+            spm_seed=spm_seed,
+            spm_num_threads=spm_num_threads,
+            content_key=content_key,
             target_lang_token=target_lang_token,
             cleaning=CleaningConfig(
                 normalize_whitespace=normalize_whitespace,
@@ -146,6 +155,7 @@ class TranslationDataModule(pl.LightningDataModule):
         self.num_proc = num_proc
         self.prepared: PreparedData | None = None
         self.splits: dict[str, datasets.Dataset] = {}
+        self._lengths: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # split -> (src [N], tgt [N])
 
     # -- Lightning hooks -------------------------------------------------------------------------------
 
@@ -195,7 +205,7 @@ class TranslationDataModule(pl.LightningDataModule):
     ) -> TokenBatchSampler:
         """The sampler a loader uses for `split`: this rank's share, or the whole epoch with `all_ranks`."""
         rank, world = (0, 1) if all_ranks else self._rank_and_world()
-        src_len, tgt_len = _lengths(self._split(split))
+        src_len, tgt_len = self.lengths(split)
         budget = max_tokens or (self.max_tokens if split == "train" else self.eval_max_tokens)
         return TokenBatchSampler(
             src_len,
@@ -210,9 +220,15 @@ class TranslationDataModule(pl.LightningDataModule):
 
     def padding_fraction(self, split: str = "train") -> float:
         """Share of PAD in the src+tgt tensors of one epoch of `split`'s batches (all ranks)."""
-        src_len, tgt_len = _lengths(self._split(split))
+        src_len, tgt_len = self.lengths(split)
         sampler = self.batch_sampler(split, shuffle=split == "train", all_ranks=True)
         return padding_fraction(sampler.batches(), src_len, tgt_len)
+
+    def lengths(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token counts (src [N], tgt [N]) of `split`, read once as whole Arrow columns."""
+        if split not in self._lengths:
+            self._lengths[split] = read_lengths(self._split(split))
+        return self._lengths[split]
 
     # -- internals -------------------------------------------------------------------------------------
 

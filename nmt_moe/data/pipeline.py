@@ -7,6 +7,10 @@ input files finds it by key and neither retrains SentencePiece nor re-encodes. T
     train/ valid/ test/   `datasets` saved to disk: src_ids, tgt_ids, src_len, tgt_len (+ src, tgt text
                           for valid/test, the references)
     summary.json     counts per filter, vocab size, tokens per side; written last, marks the cache complete
+
+Ids are stored as uint16 when the vocabulary fits (<= 65,536 pieces), int32 otherwise; lengths as int32.
+Several builders of one key (DDP ranks, parallel jobs) take a file lock: one builds into a temporary
+directory and renames it into place, the others wait and reuse it; a finished cache is never deleted.
 """
 
 from __future__ import annotations
@@ -23,15 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+from filelock import FileLock, Timeout
 
 from nmt_moe.data.cleaning import CleaningConfig, clean_text, filter_lengths, normalize
-from nmt_moe.data.sources import file_stamp, load_hub, load_local, local_files
-from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, lang_token, train_tokenizer
+from nmt_moe.data.columns import read_columns
+from nmt_moe.data.sources import file_digest, file_stamp, hub_local_files, load_hub, load_local, local_files
+from nmt_moe.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    Tokenizer,
+    default_threads,
+    lang_token,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: uint16/int32 ids, seeded SentencePiece on a numpy-drawn sample
+UINT16_VOCAB = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -51,8 +66,11 @@ class PipelineConfig:
     byte_fallback: bool = False
     joint_vocab: bool = True
     spm_input_sentence_size: int = 2_000_000
+    spm_seed: int = 0  # seeds the sentence sample and SentencePiece's own generator
+    spm_num_threads: int | None = None  # None: the machine's cores; the model depends on it (see DATA.md)
     target_lang_token: bool = False
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    content_key: bool = False  # key by file contents, not paths and mtimes: a copied corpus is found
 
     def __post_init__(self) -> None:
         if not self.train and not self.hub_dataset:
@@ -96,22 +114,30 @@ class PipelineConfig:
     def has_split(self, split: str) -> bool:
         return self.split_source(split) is not None or self.hub_dataset is not None
 
+    def split_files(self, split: str) -> list[Path]:
+        """Local files a split reads (every target language), or the local hub directory's files."""
+        specs = self.split_source(split)
+        if specs is None:
+            return hub_local_files(self.hub_dataset) if self.hub_dataset else []
+        return [f for tgt in self.tgt_langs for spec in specs for f in local_files(spec, self.src_lang, tgt)]
+
     def input_files(self) -> list[Path]:
-        return [
-            f
-            for split in SPLITS
-            for spec in self.split_source(split) or ()
-            for tgt_lang in self.tgt_langs
-            for f in local_files(spec, self.src_lang, tgt_lang)
-        ]
+        return [f for split in SPLITS for f in self.split_files(split)]
 
     def cache_key(self) -> str:
-        """Hash of the settings and of the input files' paths, sizes and mtimes."""
-        payload = {
-            "version": CACHE_VERSION,
-            "config": dataclasses.asdict(self),
-            "files": file_stamp(self.input_files()),
-        }
+        """Hash of the settings and of the input files: paths, sizes and mtimes, or with `content_key`
+        their bytes alone (then the paths leave the key, so a copy elsewhere finds the same cache)."""
+        config = dataclasses.asdict(self)
+        config["spm_num_threads"] = self.spm_num_threads or default_threads()  # it changes the model
+        if self.content_key:
+            for split in SPLITS:
+                config[split] = None
+            if hub_local_files(self.hub_dataset or ""):
+                config["hub_dataset"] = None
+            files: Any = {split: file_digest(self.split_files(split)) for split in SPLITS}
+        else:
+            files = file_stamp(self.input_files())
+        payload = {"version": CACHE_VERSION, "config": config, "files": files}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -159,8 +185,17 @@ def load_split(
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if config.hub_dataset:
         assert config.hub_config is not None and isinstance(config.tgt_lang, str)
-        # The HF cache (not work_dir) keeps the download across settings changes.
-        return load_hub(config.hub_dataset, config.hub_config, split, config.src_lang, config.tgt_lang)
+        # The HF cache (not work_dir) keeps a download across settings changes; a local directory
+        # needs no download, so its Arrow copy lives (and is deleted) with the build.
+        local = bool(hub_local_files(config.hub_dataset))
+        return load_hub(
+            config.hub_dataset,
+            config.hub_config,
+            split,
+            config.src_lang,
+            config.tgt_lang,
+            cache_dir=work_dir / "hub" if local else None,
+        )
     return None
 
 
@@ -168,6 +203,22 @@ def _column_text(ds: datasets.Dataset, columns: tuple[str, ...]) -> Iterator[str
     for batch in ds.select_columns(list(columns)).iter(batch_size=10_000):
         for column in columns:
             yield from batch[column]
+
+
+def spm_sample(ds: datasets.Dataset, columns: tuple[str, ...], size: int, seed: int) -> Iterator[str]:
+    """At most `size` sentences of `columns` for SentencePiece, drawn uniformly without replacement.
+
+    Row indices are drawn with numpy and only those rows are read from Arrow, so a corpus much larger
+    than the sample never passes through Python; a corpus that fits is streamed whole.
+    """
+    rows = len(ds)
+    if size <= 0 or rows * len(columns) <= size:
+        yield from _column_text(ds, columns)
+        return
+    picked = np.sort(np.random.default_rng(seed).choice(rows * len(columns), size, replace=False))  # [size]
+    for offset, column in enumerate(columns):
+        chosen = picked[(picked >= offset * rows) & (picked < (offset + 1) * rows)] - offset * rows
+        yield from _column_text(ds.select_columns([column]).select(chosen), (column,))
 
 
 def _encode_batch(
@@ -193,16 +244,69 @@ def _train_tokenizers(config: PipelineConfig, train: datasets.Dataset) -> tuple[
         "character_coverage": config.character_coverage,
         "byte_fallback": config.byte_fallback,
         "input_sentence_size": config.spm_input_sentence_size,
+        "num_threads": config.spm_num_threads,
+        "seed": config.spm_seed,
     }
+    size, seed = config.spm_input_sentence_size, config.spm_seed
     if config.joint_vocab:
         joint = train_tokenizer(
-            _column_text(train, ("src", "tgt")), config.vocab_size, user_defined_symbols=symbols, **kwargs
+            spm_sample(train, ("src", "tgt"), size, seed),
+            config.vocab_size,
+            user_defined_symbols=symbols,
+            **kwargs,
         )
         return joint, joint
     src = train_tokenizer(
-        _column_text(train, ("src",)), config.vocab_size, user_defined_symbols=symbols, **kwargs
+        spm_sample(train, ("src",), size, seed), config.vocab_size, user_defined_symbols=symbols, **kwargs
     )
-    return src, train_tokenizer(_column_text(train, ("tgt",)), config.vocab_size, **kwargs)
+    return src, train_tokenizer(spm_sample(train, ("tgt",), size, seed + 1), config.vocab_size, **kwargs)
+
+
+def encoded_features(text_features: datasets.Features, keep_text: bool, vocab_size: int) -> datasets.Features:
+    """Schema of an encoded split: uint16 ids when the vocab fits (a quarter of int64), else int32."""
+    id_type = "uint16" if vocab_size <= UINT16_VOCAB else "int32"
+    kept = {name: f for name, f in text_features.items() if keep_text or name not in ("src", "tgt")}
+    return datasets.Features(
+        {
+            **kept,
+            "src_ids": datasets.List(datasets.Value(id_type)),
+            "tgt_ids": datasets.List(datasets.Value(id_type)),
+            "src_len": datasets.Value("int32"),
+            "tgt_len": datasets.Value("int32"),
+        }
+    )
+
+
+def _encode_split(
+    ds: datasets.Dataset,
+    split: str,
+    tokenizers: tuple[Tokenizer, Tokenizer],
+    prefix: dict,
+    num_proc: int | None,
+) -> datasets.Dataset:
+    keep_text = split != "train"  # valid/test keep their text: the references
+    return ds.map(
+        _encode_batch,
+        batched=True,
+        batch_size=2000,
+        num_proc=num_proc,
+        fn_kwargs={"src_tok": tokenizers[0], "tgt_tok": tokenizers[1], "src_prefix": prefix},
+        remove_columns=None if keep_text else ["src", "tgt"],
+        features=encoded_features(ds.features, keep_text, max(t.vocab_size for t in tokenizers)),
+        desc=f"encode {split}",
+    )
+
+
+def _split_summary(saved: Path, pairs_in: int, dropped: dict[str, int]) -> dict[str, Any]:
+    """Counts of a saved split, its length columns summed in numpy (one Arrow read)."""
+    lengths = read_columns(datasets.load_from_disk(str(saved)), ["src_len", "tgt_len"])
+    return {
+        "pairs_in": pairs_in,
+        "dropped": dropped,
+        "pairs": len(lengths["src_len"]),
+        "src_tokens": int(lengths["src_len"].sum(dtype=np.int64)),
+        "tgt_tokens": int(lengths["tgt_len"].sum(dtype=np.int64)),
+    }
 
 
 def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str, Any]:
@@ -244,16 +348,7 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
 
     log.info("vocab of %d pieces; encoding", src_tok.vocab_size)
     for split, ds in text.items():
-        keep_text = split != "train"
-        encoded = ds.map(
-            _encode_batch,
-            batched=True,
-            batch_size=2000,
-            num_proc=num_proc,
-            fn_kwargs={"src_tok": src_tok, "tgt_tok": tgt_tok, "src_prefix": prefix},
-            remove_columns=None if keep_text else ["src", "tgt"],
-            desc=f"encode {split}",
-        )
+        encoded = _encode_split(ds, split, (src_tok, tgt_tok), prefix, num_proc)
         if split == "train":
             encoded, dropped = filter_lengths(encoded, config.cleaning, num_proc)
             filters[split].update(dropped)
@@ -262,13 +357,7 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
                     f"the training corpus is empty after length filtering (dropped: {filters[split]})"
                 )
         encoded.save_to_disk(str(out / split))
-        summary["splits"][split] = {
-            "pairs_in": len(raw[split]),
-            "dropped": filters[split],
-            "pairs": len(encoded),
-            "src_tokens": int(sum(encoded["src_len"])),
-            "tgt_tokens": int(sum(encoded["tgt_len"])),
-        }
+        summary["splits"][split] = _split_summary(out / split, len(raw[split]), filters[split])
     summary["vocab_size"] = src_tok.vocab_size
     summary["spm_model_type"] = config.spm_model_type
     summary["joint_vocab"] = config.joint_vocab
@@ -277,24 +366,52 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
     return summary
 
 
-def prepare(
-    config: PipelineConfig, cache_dir: str | Path | None = None, num_proc: int | None = None
-) -> PreparedData:
-    """The prepared data for `config`, built now or found in `cache_dir` from an earlier identical run."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = root / config.cache_key()
-    if (final / "summary.json").exists():
-        return PreparedData(final, json.loads((final / "summary.json").read_text()), from_cache=True)
-    building = root / f"{final.name}.tmp-{os.getpid()}"
+def _complete(path: Path) -> PreparedData | None:
+    """The cache at `path` if it is finished (summary.json is written last), else None."""
+    summary = path / "summary.json"
+    return PreparedData(path, json.loads(summary.read_text()), from_cache=True) if summary.exists() else None
+
+
+def _build_into(config: PipelineConfig, final: Path, num_proc: int | None) -> PreparedData:
+    """Build in a private directory and rename it to `final`; the caller holds the key's lock."""
+    building = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     try:
         summary = _build(config, building, num_proc)
+        summary["cache_version"] = CACHE_VERSION
         (building / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         (building / "summary.json").write_text(json.dumps(summary, indent=2))
-        if final.exists():  # an incomplete leftover (no summary.json)
+        if final.exists():  # no summary.json (checked under the lock): a leftover from a killed build
             shutil.rmtree(final)
         building.rename(final)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return PreparedData(final, summary, from_cache=False)
+
+
+def prepare(
+    config: PipelineConfig, cache_dir: str | Path | None = None, num_proc: int | None = None
+) -> PreparedData:
+    """The prepared data for `config`, built now or found in `cache_dir` from an earlier identical run.
+
+    Safe with many builders at once: whoever takes `<key>.lock` first builds, the others block on it
+    and then find the finished cache.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = root / config.cache_key()
+    found = _complete(final)
+    if found is not None:
+        return found
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / f"{final.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is building %s; waiting for it", final)
+        lock.acquire()
+    try:
+        found = _complete(final)  # finished by the builder we waited for
+        return found if found is not None else _build_into(config, final, num_proc)
+    finally:
+        lock.release()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from nmt_moe.data.datamodule import TranslationDataModule
 
@@ -78,14 +78,27 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+BAD_INPUT = (ValueError, OSError, ConnectionError, KeyError, yaml.YAMLError)  # FileNotFoundError: OSError
+
+
+def _error(error: BaseException) -> int:
+    """Bad input: one line on stderr, exit code 2 (as the other commands), no traceback."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"nmt-moe prepare: error: {message}", file=sys.stderr)
+    return 2
+
+
 def prepare_main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     parser = _parser()
-    if known.config:
-        parser.set_defaults(**_data_section(known.config))
-    args = parser.parse_args(argv)
+    try:
+        if known.config:
+            parser.set_defaults(**_data_section(known.config))
+        args = parser.parse_args(argv)
+    except (*BAD_INPUT, ArgumentError) as error:
+        return _error(error)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     init = {k: v for k, v in vars(args).items() if k not in ("config", "summary_json", "__path__")}
     start = time.perf_counter()
@@ -93,9 +106,8 @@ def prepare_main(argv: list[str]) -> int:
         dm = TranslationDataModule(**init)
         dm.prepare_data()
         dm.setup("fit")
-    except (ValueError, FileNotFoundError, ConnectionError, KeyError) as error:
-        print(f"nmt-moe prepare: error: {error}", file=sys.stderr)
-        return 1
+    except BAD_INPUT as error:
+        return _error(error)
     summary = summarize(dm, time.perf_counter() - start)
     print(format_summary(summary))
     if args.summary_json:

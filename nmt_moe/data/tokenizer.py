@@ -7,6 +7,7 @@ reading the tokenizer. The model travels as its serialized proto bytes, so a che
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -84,6 +85,14 @@ class Tokenizer:
         return index
 
 
+def default_threads() -> int:
+    """CPU cores this process may run on (affinity-aware where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def train_tokenizer(
     sentences: Iterable[str],
     vocab_size: int,
@@ -94,13 +103,16 @@ def train_tokenizer(
     user_defined_symbols: Sequence[str] = (),
     input_sentence_size: int = 2_000_000,
     seed_sentencepiece_size: int = 1_000_000,
-    num_threads: int = 2,
+    num_threads: int | None = None,
+    seed: int = 0,
 ) -> Tokenizer:
     """Train a SentencePiece model in memory with the fixed special ids.
 
     `input_sentence_size` caps how many sentences SentencePiece samples (it shuffles them itself), so a
-    WMT-sized corpus trains in bounded memory. A vocab the data cannot fill raises a ValueError naming
-    both sizes, since SentencePiece's own message is an internal assertion.
+    WMT-sized corpus trains in bounded memory. SentencePiece's random generator is seeded with `seed`
+    first (its sampling is otherwise unseeded), so the same sentences and settings give a byte-identical
+    model. `num_threads` defaults to the machine's cores. A vocab the data cannot fill raises a
+    ValueError naming both sizes, since SentencePiece's own message is an internal assertion.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"spm model_type must be one of {MODEL_TYPES}, got {model_type!r}")
@@ -108,7 +120,10 @@ def train_tokenizer(
         raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}")
     if vocab_size <= 4 + len(user_defined_symbols):
         raise ValueError(f"vocab_size {vocab_size} leaves no room beyond the special and user symbols")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"spm num_threads must be >= 1, got {num_threads}")
     model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # process-wide; set right before the training it seeds
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences),
@@ -125,7 +140,7 @@ def train_tokenizer(
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
             seed_sentencepiece_size=seed_sentencepiece_size,
-            num_threads=num_threads,
+            num_threads=num_threads or default_threads(),
             minloglevel=2,
         )
     except RuntimeError as error:
