@@ -1,79 +1,195 @@
 """Batched beam search with GNMT length and coverage penalties.
 
 All sentences of a batch and all their beams advance together: the decoder sees one batch of
-[active sentences * beam_size] rows per step, encoder states and attention keys are computed once and only
-shrink (index_select) when sentences finish. Finished hypotheses are kept aside in plain Python lists.
+[active sentences * beam_size] rows per step. Encoder states and attention keys are computed once per
+source (keys are projected in `encode`) and only shrink (index_select) as sentences finish: a finished
+sentence leaves the batch. Finished hypotheses are kept in tensors too (`Finished`), so no step does
+Python work per sentence or per hypothesis; only the final n-best lists become Python objects.
 
 Search, per step t (t tokens generated so far):
-  1. every live beam proposes its 2K best next tokens; the 2K best (cumulative log-prob) of these
+  1. expand: every live beam proposes its 2K best next tokens; the 2K best (cumulative log-prob) of these
      candidates per sentence are taken, so at least K of them are not EOS;
-  2. EOS candidates among the K best end a hypothesis (scored with the GNMT penalties, see penalties.py);
-  3. the K best non-EOS candidates become the new live beams (ranked by log-prob: they all have the same
-     length, and the coverage penalty is applied to finished hypotheses only);
-  4. at a sentence's maximum length (int(max_len_a * src_len + max_len_b), src_len counting EOS) its live
-     beams end without EOS;
-  5. a sentence stops once `nbest` finished hypotheses score at least the best score a live beam could
-     still reach. That bound is exact, not a heuristic: log-probs only fall as tokens are added, the length
-     penalty is largest at the maximum length, and the coverage penalty is never positive, so a live beam
-     can at most reach logp / lp(max_len). With alpha = 0 this is the usual "best live log-prob" test.
+  2. finish: EOS candidates among the K best end a hypothesis (scored with the GNMT penalties, see
+     penalties.py);
+  3. advance: the K best non-EOS candidates become the new live beams (ranked by log-prob: they all have the
+     same length, and the coverage penalty is applied to finished hypotheses only);
+  4. finish: at a sentence's maximum length (`max_target_lengths`) its live beams end without EOS;
+  5. prune: a sentence stops once `nbest` finished hypotheses score at least the best score a live beam
+     could still reach. That bound is exact, not a heuristic: log-probs only fall as tokens are added, the
+     length penalty is largest at the maximum length, and the coverage penalty is never positive, so a
+     live beam can at most reach logp / lp(max_len). With alpha = 0 this is the usual "best live log-prob"
+     test.
 
-With beam_size 1 and alpha = beta = 0 this is greedy search (same tokens, same score).
+With beam_size 1 and alpha = beta = 0 this is greedy search (same tokens, same score); `greedy_decode`
+is the leaner loop for that case.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from nmt_moe.decoding.finished import Finished, Hypothesis
 from nmt_moe.decoding.penalties import coverage_penalty, length_penalty
+from nmt_moe.decoding.search import BOS_ID, EOS_ID, block_eos_, eval_mode, max_target_lengths
 
-BOS_ID, EOS_ID = 2, 3  # fixed by the tokenizer contract (nmt_moe.data.tokenizer)
+__all__ = ["BOS_ID", "EOS_ID", "Hypothesis", "beam_search", "eval_mode", "max_target_lengths"]
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Settings of one search, checked once."""
+
+    beam_size: int
+    nbest: int
+    alpha: float
+    beta: float
+    min_len: int
+    return_experts: bool
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if not 1 <= self.nbest <= self.beam_size:
+            raise ValueError(f"nbest must be between 1 and beam_size ({self.beam_size}), got {self.nbest}")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.min_len < 0:
+            raise ValueError(f"min_len must be >= 0, got {self.min_len}")
 
 
 @dataclass
-class Hypothesis:
-    """One finished translation of one sentence."""
+class Candidates:
+    """The 2K best continuations of each active sentence after one decoder step (best first)."""
 
-    tokens: list[int]  # target ids, no BOS/EOS
-    score: float  # GNMT score used for ranking: log_prob / lp + cp
-    log_prob: float  # model log-probability of `tokens` (+ EOS when the hypothesis ended with one)
-    # experts[i][l] = expert ids (k of them) that decoder MoE layer l routed the step producing tokens[i] to
-    experts: list[list[list[int]]] | None = None
-
-
-def max_target_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: float) -> Tensor:
-    """Per-sentence target length limit int(a * src_len + b), at least 1: [B] -> [B].
-
-    Computed in float32 exactly as greedy_decode does, so both stop at the same step.
-    """
-    return (max_len_a * src_lengths.float() + max_len_b).long().clamp(min=1)
+    scores: Tensor  # [A, 2K] cumulative log-probs
+    tokens: Tensor  # [A, 2K]
+    rows: Tensor  # [A, 2K] parent beam's row in the [A*K] batch
+    coverage: Tensor | None  # [A*K, S] attention summed up to this step, per parent row
+    experts: Tensor | None  # [A*K, layers, k_moe] experts this step routed each parent row to
 
 
-@contextmanager
-def eval_mode(model: Any) -> Iterator[None]:
-    """Eval mode for the search (no dropout, no gate noise), the caller's mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+@dataclass
+class Beams:
+    """Live beams of the sentences still searching; rows [A*K] are sentence-major (K per sentence)."""
+
+    active: Tensor  # [A] original index of each sentence
+    scores: Tensor  # [A, K] cumulative log-prob of each live beam (-inf: no beam there yet)
+    tokens: Tensor  # [A*K, t] generated ids
+    enc: Any  # encoder output, rows [A*K]
+    state: Any  # decoder state, rows [A*K]
+    coverage: Tensor | None  # [A*K, S] summed attention (coverage penalty only)
+    experts: Tensor | None  # [A*K, t, layers, k_moe] (return_experts only; set at the first step)
+
+    @classmethod
+    def start(cls, model: Any, src: Tensor, src_lengths: Tensor, k: int, beta: float) -> Beams:
+        """K copies of every sentence; only the first is live, so step 1 picks K distinct tokens."""
+        batch, device = src.size(0), src.device
+        active = torch.arange(batch, device=device)
+        enc = model.encode(src, src_lengths).index_select(active.repeat_interleave(k))  # rows [B*K]
+        scores = torch.full((batch, k), NEG_INF, device=device)
+        scores[:, 0] = 0.0
+        tokens = torch.empty(batch * k, 0, dtype=torch.long, device=device)
+        coverage = torch.zeros(enc.mask.shape, device=device) if beta > 0 else None  # [B*K, S]
+        return cls(active, scores, tokens, enc, model.init_state(enc), coverage, None)
+
+    @property
+    def prev(self) -> Tensor:
+        """[A*K] the token each beam feeds the decoder next."""
+        if self.tokens.size(1) == 0:
+            return torch.full((self.tokens.size(0),), BOS_ID, dtype=torch.long, device=self.tokens.device)
+        return self.tokens[:, -1]
+
+    def expand(self, step: Any, t: int, opts: SearchOptions) -> Candidates:
+        """Step 1. The 2K best of a sentence are among the 2K best of their own beam, so only those enter
+        the sum with the beam scores: [A*K, 2K], not [A*K, V]."""
+        n_active, k = self.scores.shape
+        log_probs = block_eos_(step.log_probs, t, opts.min_len)  # [A*K, V] float32
+        per_beam = min(2 * k, log_probs.size(1))
+        beam_log_probs, beam_tokens = log_probs.topk(per_beam, dim=1)  # [A*K, 2K]
+        summed = (self.scores.unsqueeze(2) + beam_log_probs.view(n_active, k, per_beam)).view(n_active, -1)
+        top_scores, top_index = summed.topk(min(2 * k, k * per_beam), dim=1)  # [A, 2K], best first
+        top_tokens = beam_tokens.view(n_active, -1).gather(1, top_index)  # [A, 2K]
+        first_row = torch.arange(n_active, device=top_index.device).unsqueeze(1) * k  # [A, 1]
+        top_rows = torch.div(top_index, per_beam, rounding_mode="floor") + first_row  # [A, 2K]
+        coverage = self.coverage + step.attention.float() if self.coverage is not None else None
+        experts = _step_experts(step, n_active * k, top_rows.device) if opts.return_experts else None
+        if experts is not None and self.experts is None:  # routing shape known now: [A*K, 0, layers, k_moe]
+            self.experts = experts.new_empty(experts.size(0), 0, *experts.shape[1:])
+        return Candidates(top_scores, top_tokens, top_rows, coverage, experts)
+
+    def advance(self, cands: Candidates, step: Any) -> None:
+        """Step 3: the K best non-EOS candidates become the live beams."""
+        k = self.scores.size(1)
+        self.scores, pick = cands.scores.masked_fill(cands.tokens == EOS_ID, NEG_INF).topk(k, dim=1)
+        rows = cands.rows.gather(1, pick).view(-1)  # [A*K] parent row of each new beam
+        self.tokens = torch.cat([self.tokens[rows], cands.tokens.gather(1, pick).view(-1, 1)], dim=1)
+        self.state = step.state.index_select(rows)
+        if cands.coverage is not None:
+            self.coverage = cands.coverage[rows]
+        if cands.experts is not None and self.experts is not None:
+            self.experts = torch.cat([self.experts[rows], cands.experts[rows].unsqueeze(1)], dim=1)
+
+    def prune(self, keep: Tensor) -> None:
+        """Step 5: only sentences `keep` [A'] (indices into the active ones) search on."""
+        k = self.scores.size(1)
+        rows = (keep.unsqueeze(1) * k + torch.arange(k, device=keep.device)).view(-1)  # [A'*K]
+        self.active, self.scores, self.tokens = self.active[keep], self.scores[keep], self.tokens[rows]
+        self.enc, self.state = self.enc.index_select(rows), self.state.index_select(rows)
+        self.coverage = self.coverage[rows] if self.coverage is not None else None
+        self.experts = self.experts[rows] if self.experts is not None else None
 
 
-def _check_options(beam_size: int, nbest: int, alpha: float, beta: float, min_len: int) -> None:
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"nbest must be between 1 and beam_size ({beam_size}), got {nbest}")
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
-    if min_len < 0:
-        raise ValueError(f"min_len must be >= 0, got {min_len}")
+def _step_experts(step: Any, rows: int, device: torch.device) -> Tensor:
+    """[rows, layers, k_moe] experts of this step's decoder MoE layers ([rows, 0, 0] without any)."""
+    layers = step.expert_index  # list of [rows, k_moe]
+    if not layers:
+        return torch.empty(rows, 0, 0, dtype=torch.long, device=device)
+    return torch.stack(layers, dim=1)
+
+
+def finish_eos(finished: Finished, beams: Beams, cands: Candidates, t: int, opts: SearchOptions) -> None:
+    """Step 2: EOS candidates among the K best end their hypothesis (their tokens are the parent's)."""
+    k = beams.scores.size(1)
+    ended = (cands.tokens[:, :k] == EOS_ID) & (cands.scores[:, :k] > NEG_INF)  # [A, K]
+    if not bool(ended.any()):
+        return
+    rows = cands.rows[:, :k]  # [A, K]
+    flat = rows.reshape(-1)
+    log_prob = cands.scores[:, :k]
+    cov = None if cands.coverage is None else cands.coverage[flat]
+    experts = (
+        None if beams.experts is None else beams.experts[flat].view(*rows.shape, *beams.experts.shape[1:])
+    )
+    score = _score(log_prob, t + 1, cov, beams.enc.mask[flat] if cov is not None else None, opts)
+    finished.add(beams.active, ended, log_prob, score, beams.tokens[flat].view(*rows.shape, -1), experts)
+
+
+def finish_at_max(finished: Finished, beams: Beams, at_max: Tensor, t: int, opts: SearchOptions) -> None:
+    """Step 4: at a sentence's maximum length (at_max [A]) its live beams end without EOS."""
+    if not bool(at_max.any()):
+        return
+    shape = beams.scores.shape  # [A, K]
+    alive = at_max.unsqueeze(1) & (beams.scores > NEG_INF)  # [A, K]
+    mask = beams.enc.mask if beams.coverage is not None else None
+    score = _score(beams.scores, t + 1, beams.coverage, mask, opts)
+    experts = None if beams.experts is None else beams.experts.view(*shape, *beams.experts.shape[1:])
+    finished.add(beams.active, alive, beams.scores, score, beams.tokens.view(*shape, -1), experts)
+
+
+def _score(
+    log_prob: Tensor, length: int, cov: Tensor | None, src_mask: Tensor | None, opts: SearchOptions
+) -> Tensor:
+    """GNMT score log_prob / lp(length) + cp of hypotheses log_prob [A, K]; cov, src_mask [A*K, S]."""
+    score = log_prob / length_penalty(torch.tensor(float(length)), opts.alpha)
+    if cov is not None and src_mask is not None:
+        score = score + coverage_penalty(cov, src_mask, opts.beta).view(log_prob.shape)
+    return score
 
 
 # no_grad, not inference_mode: under bf16 autocast, autocast caches the bf16 copy of each weight for the whole
@@ -101,141 +217,23 @@ def beam_search(
     The model runs in eval mode (MoE gates route without noise, as at the end of training).
     return_experts: also record, per target token, the experts each decoder MoE layer routed it to.
     """
-    _check_options(beam_size, nbest, alpha, beta, min_len)
+    opts = SearchOptions(beam_size, nbest, alpha, beta, min_len, return_experts)
     with eval_mode(model):
-        batch, k = src.size(0), beam_size
-        device = src.device
         max_len = max_target_lengths(src_lengths, max_len_a, max_len_b)  # [B]
         best_possible_lp = length_penalty(max_len, alpha)  # [B] largest length penalty a hypothesis can get
-
-        active = torch.arange(batch, device=device)  # [A] original index of each sentence still searching
-        beam_offsets = torch.arange(k, device=device)  # [K]
-        enc = model.encode(src, src_lengths).index_select(active.repeat_interleave(k))  # rows [A*K]
-        state = model.init_state(enc)
-        scores = torch.full((batch, k), float("-inf"), device=device)  # [A, K] log-prob of each live beam
-        scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
-        tokens = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # [A*K, t]
-        coverage = torch.zeros(enc.mask.shape, device=device) if beta > 0 else None  # [A*K, S]
-        experts: Tensor | None = None  # [A*K, t, layers, k_moe] when return_experts
-        prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)  # [A*K]
-
-        finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-        kth_best = torch.full((batch,), float("-inf"), device=device)  # [B] score of the nbest-th finished
-
-        def finalize(
-            rows: Tensor,
-            hyp_tokens: Tensor,
-            log_prob: Tensor,
-            length: int,
-            cov: Tensor | None,
-            hyp_experts: Tensor | None,
-        ) -> None:
-            """Move hypotheses (rows of the current [A*K] batch) to `finished` and refresh kth_best."""
-            sentence = active[torch.div(rows, k, rounding_mode="floor")]
-            score = log_prob / length_penalty(torch.tensor(float(length)), alpha)
-            if cov is not None:
-                score = score + coverage_penalty(cov, enc.mask[rows], beta)
-            expert_lists = hyp_experts.tolist() if hyp_experts is not None else [None] * rows.numel()
-            for s, toks, lp, sc, ex in zip(
-                sentence.tolist(),
-                hyp_tokens.tolist(),
-                log_prob.tolist(),
-                score.tolist(),
-                expert_lists,
-                strict=True,
-            ):
-                finished[s].append(Hypothesis(tokens=toks, score=sc, log_prob=lp, experts=ex))
-            for s in set(sentence.tolist()):
-                if len(finished[s]) >= nbest:
-                    finished[s].sort(key=lambda h: h.score, reverse=True)
-                    kth_best[s] = finished[s][nbest - 1].score
-
+        beams = Beams.start(model, src, src_lengths, beam_size, beta)
+        finished = Finished(src.size(0), nbest, int(max_len.max()), src.device)
         for t in range(int(max_len.max())):
-            n_active = active.numel()
-            step = model.decode_step(prev, state, enc)
-            log_probs = step.log_probs  # [A*K, V] float32
-            if t < min_len:
-                log_probs = log_probs.index_fill(1, torch.tensor([EOS_ID], device=device), float("-inf"))
-            step_coverage = coverage + step.attention.float() if coverage is not None else None  # [A*K, S]
-            step_experts = None
-            if return_experts:
-                layers = step.expert_index  # list of [A*K, k_moe]
-                step_experts = (
-                    torch.stack(layers, dim=1)
-                    if layers
-                    else torch.empty(n_active * k, 0, 0, dtype=torch.long, device=device)
-                )  # [A*K, layers, k_moe]
-                if experts is None:
-                    experts = step_experts.new_empty(n_active * k, 0, *step_experts.shape[1:])
-
-            # 1. the 2K best continuations of each sentence. They are among the 2K best of their own beam,
-            #    so only those enter the sum with the beam scores: [A*K, 2K], not [A*K, V].
-            per_beam = min(2 * k, log_probs.size(1))
-            beam_log_probs, beam_tokens = log_probs.topk(per_beam, dim=1)  # [A*K, 2K]
-            candidates = (scores.unsqueeze(2) + beam_log_probs.view(n_active, k, per_beam)).view(
-                n_active, k * per_beam
-            )  # [A, K*2K] cumulative log-probs
-            top_scores, top_index = candidates.topk(min(2 * k, k * per_beam), dim=1)  # [A, 2K], best first
-            top_tokens = beam_tokens.view(n_active, k * per_beam).gather(1, top_index)  # [A, 2K]
-            top_rows = (
-                torch.div(top_index, per_beam, rounding_mode="floor")
-                + torch.arange(n_active, device=device).unsqueeze(1) * k
-            )  # [A, 2K] row of the parent beam in the [A*K] batch
-            is_eos = top_tokens == EOS_ID
-
-            # 2. EOS among the K best ends a hypothesis
-            ended = is_eos[:, :k] & (top_scores[:, :k] > float("-inf"))  # [A, K]
-            if ended.any():
-                rows = top_rows[:, :k][ended]
-                finalize(
-                    rows,
-                    tokens[rows],
-                    top_scores[:, :k][ended],
-                    t + 1,
-                    step_coverage[rows] if step_coverage is not None else None,
-                    experts[rows] if experts is not None else None,
-                )
-
-            # 3. the K best non-EOS candidates live on
-            scores, pick = top_scores.masked_fill(is_eos, float("-inf")).topk(k, dim=1)  # [A, K]
-            rows = top_rows.gather(1, pick).view(-1)  # [A*K] parent row of each new beam
-            new_tokens = top_tokens.gather(1, pick).view(-1)  # [A*K]
-            tokens = torch.cat([tokens[rows], new_tokens.unsqueeze(1)], dim=1)
-            state = step.state.index_select(rows)
-            if step_coverage is not None:
-                coverage = step_coverage[rows]
-            if experts is not None and step_experts is not None:
-                experts = torch.cat([experts[rows], step_experts[rows].unsqueeze(1)], dim=1)
-
-            # 4. at the maximum length the live beams end without EOS
-            at_max = max_len[active] <= t + 1  # [A]
-            if at_max.any():
-                alive = (at_max.unsqueeze(1) & (scores > float("-inf"))).view(-1)  # [A*K]
-                rows = alive.nonzero().squeeze(1)
-                finalize(
-                    rows,
-                    tokens[rows],
-                    scores.view(-1)[rows],
-                    t + 1,
-                    coverage[rows] if coverage is not None else None,
-                    experts[rows] if experts is not None else None,
-                )
-
-            # 5. stop sentences whose nbest finished hypotheses no live beam can beat
-            done = at_max | (kth_best[active] >= scores[:, 0] / best_possible_lp[active])  # [A]
+            step = model.decode_step(beams.prev, beams.state, beams.enc)
+            cands = beams.expand(step, t, opts)
+            finish_eos(finished, beams, cands, t, opts)
+            beams.advance(cands, step)
+            at_max = max_len[beams.active] <= t + 1  # [A]
+            finish_at_max(finished, beams, at_max, t, opts)
+            bound = beams.scores[:, 0] / best_possible_lp[beams.active]  # [A] best a live beam can reach
+            done = at_max | (finished.kth_best[beams.active] >= bound)  # [A]
             if bool(done.all()):
                 break
             if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)  # [A']
-                keep_rows = (keep.unsqueeze(1) * k + beam_offsets).view(-1)  # [A'*K]
-                active, scores = active[keep], scores[keep]
-                tokens, enc, state = (
-                    tokens[keep_rows],
-                    enc.index_select(keep_rows),
-                    state.index_select(keep_rows),
-                )
-                coverage = coverage[keep_rows] if coverage is not None else None
-                experts = experts[keep_rows] if experts is not None else None
-            prev = tokens[:, -1]
-
-        return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+                beams.prune((~done).nonzero().squeeze(1))
+        return finished.hypotheses()
