@@ -1,9 +1,10 @@
 """GNMT encoder: a bidirectional bottom LSTM, unidirectional LSTMs above it, residuals from layer 3 up, and
-MoE (or dense FFN) layers between LSTM layers.
+MoE (or dense FFN) layers between LSTM layers. `bidirectional="all"` makes every layer bidirectional
+(hidden_size / 2 per direction), as OpenNMT-py's `brnn` encoder: the like-for-like comparison needs it.
 
-Each LSTM layer is one fused `nn.LSTM` call over the whole sequence. Only the bidirectional layer is packed:
-its backward direction would otherwise read padding first. Unidirectional layers read right-padded input, so
-their outputs at real positions never see padding and need no packing.
+Each LSTM layer is one fused `nn.LSTM` call over the whole sequence. Only bidirectional layers are packed:
+their backward direction would otherwise read padding first. Unidirectional layers read right-padded input,
+so their outputs at real positions never see padding and need no packing.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ class EncoderOutput:
         return EncoderOutput(self.memory[index], self.keys[index], self.mask[index])
 
 
+ENCODER_BIDIRECTIONAL = ("bottom", "all")
+
+
+def _run_packed(lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
+    """A bidirectional LSTM over the real positions only: x [B, S, D], lengths [B] (CPU) -> [B, S, H]."""
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
 class Encoder(nn.Module):
     def __init__(
         self,
@@ -40,14 +50,21 @@ class Encoder(nn.Module):
         dropout: float,
         moe_after: list[int],
         ffns: list[nn.Module],
+        bidirectional: str = "bottom",
     ) -> None:
-        """`ffns[i]` goes after LSTM layer `moe_after[i]` (1-based: [2] = between layers 2 and 3)."""
+        """`ffns[i]` goes after LSTM layer `moe_after[i]` (1-based: [2] = between layers 2 and 3);
+        bidirectional: "bottom" (GNMT) or "all" layers."""
         super().__init__()
+        if bidirectional not in ENCODER_BIDIRECTIONAL:
+            raise ValueError(f"bidirectional must be one of {ENCODER_BIDIRECTIONAL}, got {bidirectional!r}")
         self.embedding = embedding
         self.dropout = nn.Dropout(dropout)
         self.bottom = nn.LSTM(embedding.embedding_dim, hidden_size // 2, batch_first=True, bidirectional=True)
+        self.all_bidirectional = bidirectional == "all"
+        upper = hidden_size // 2 if self.all_bidirectional else hidden_size
         self.layers = nn.ModuleList(
-            nn.LSTM(hidden_size, hidden_size, batch_first=True) for _ in range(num_layers - 1)
+            nn.LSTM(hidden_size, upper, batch_first=True, bidirectional=self.all_bidirectional)
+            for _ in range(num_layers - 1)
         )
         self.moe_after = list(moe_after)
         self.moe = nn.ModuleList(ffns)
@@ -57,12 +74,15 @@ class Encoder(nn.Module):
         B, S = src.shape
         mask = torch.arange(S, device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)  # [B, S]
         x = self.dropout(self.embedding(src))  # [B, S, E]
-        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        x, _ = pad_packed_sequence(self.bottom(packed)[0], batch_first=True, total_length=S)  # [B, S, H]
+        lengths = src_lengths.cpu()
+        x = _run_packed(self.bottom, x, lengths)  # [B, S, H]
         moe_outputs: dict[str, MoEOutput] = {}
         x = self._ffns(1, x, mask, moe_outputs)
         for layer_number, lstm in enumerate(self.layers, start=2):
-            y, _ = lstm(self.dropout(x))  # [B, S, H]
+            if self.all_bidirectional:
+                y = _run_packed(lstm, self.dropout(x), lengths)  # [B, S, H]
+            else:
+                y, _ = lstm(self.dropout(x))  # [B, S, H]
             x = y + x if layer_number >= 3 else y
             x = self._ffns(layer_number, x, mask, moe_outputs)
         return x, mask, moe_outputs

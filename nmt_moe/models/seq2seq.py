@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from nmt_moe.data.tokenizer import PAD_ID
 from nmt_moe.models.attention import ATTENTION_TYPES
 from nmt_moe.models.decoder import Decoder, DecoderState, StepOutput
-from nmt_moe.models.encoder import Encoder, EncoderOutput
+from nmt_moe.models.encoder import ENCODER_BIDIRECTIONAL, Encoder, EncoderOutput
 from nmt_moe.models.ffn import FFN_TYPES, build_ffn
 from nmt_moe.moe import MoELayer, MoEOutput
 
@@ -30,6 +30,8 @@ class Seq2SeqConfig:
     embed_dim, hidden_size: embedding and LSTM sizes; the bidirectional bottom encoder layer uses
         hidden_size / 2 per direction.
     encoder_layers, decoder_layers: LSTM layers; residual connections start at the third layer.
+    encoder_bidirectional: "bottom" (GNMT: only the first encoder layer) or "all" (every layer, as
+        OpenNMT-py's brnn encoder).
     attention: "general" | "dot" | "additive".
     input_feeding: feed the previous attention context to the bottom decoder layer (better quality; makes
         that layer step token by token in training).
@@ -49,6 +51,7 @@ class Seq2SeqConfig:
     hidden_size: int = 256
     encoder_layers: int = 2
     decoder_layers: int = 2
+    encoder_bidirectional: Literal["bottom", "all"] = "bottom"
     attention: Literal["general", "dot", "additive"] = "general"
     input_feeding: bool = True
     dropout: float = 0.2
@@ -79,6 +82,9 @@ class Seq2SeqConfig:
                              f"{self.hidden_size}")  # fmt: skip
         if self.attention not in ATTENTION_TYPES:
             raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
+        if self.encoder_bidirectional not in ENCODER_BIDIRECTIONAL:
+            raise ValueError(f"encoder_bidirectional must be one of {ENCODER_BIDIRECTIONAL}, got "
+                             f"{self.encoder_bidirectional!r}")  # fmt: skip
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.ffn not in FFN_TYPES:
@@ -138,6 +144,7 @@ class Seq2Seq(nn.Module):
         gate: str = "noisy_topk",
         d_hidden: int = 512,
         moe_options: dict[str, Any] | None = None,
+        encoder_bidirectional: Literal["bottom", "all"] = "bottom",
     ) -> None:
         """Arguments as in `Seq2SeqConfig` (which documents them and validates them)."""
         super().__init__()
@@ -148,6 +155,7 @@ class Seq2Seq(nn.Module):
             tie_embeddings=tie_embeddings, share_embeddings=share_embeddings, ffn=ffn,
             encoder_moe_after=list(encoder_moe_after), decoder_moe_after=list(decoder_moe_after),
             num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden, moe_options=dict(moe_options or {}),
+            encoder_bidirectional=encoder_bidirectional,
         )  # fmt: skip
         self._config = cfg
         encoder_moe_after, decoder_moe_after = (
@@ -162,8 +170,9 @@ class Seq2Seq(nn.Module):
         tgt_embedding = src_embedding if share_embeddings else nn.Embedding(vocab_size, embed_dim, PAD_ID)
         enc_ffns, dec_ffns = ffns(len(encoder_moe_after)), ffns(len(decoder_moe_after))
         self.encoder = Encoder(
-            src_embedding, hidden_size, encoder_layers, dropout, encoder_moe_after, enc_ffns
-        )
+            src_embedding, hidden_size, encoder_layers, dropout, encoder_moe_after, enc_ffns,
+            encoder_bidirectional,
+        )  # fmt: skip
         self.decoder = Decoder(
             tgt_embedding, hidden_size, decoder_layers, attention, input_feeding, dropout,
             decoder_moe_after, dec_ffns, tie_embeddings, PAD_ID,
