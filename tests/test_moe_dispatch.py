@@ -14,19 +14,27 @@ def test_sort_assignments_groups_by_expert_choice_major_and_drops_padding() -> N
     expert_index = torch.tensor([[2, 0], [0, 1], [2, -1]])
     gate_weight = torch.tensor([[0.6, 0.4], [0.7, 0.3], [1.0, 0.0]])
     plan = sort_assignments(expert_index, gate_weight, num_experts=4)
-    assert plan.counts == [2, 1, 2, 0]
-    assert plan.expert.tolist() == [0, 0, 1, 2, 2]
-    assert plan.token.tolist() == [1, 0, 1, 0, 2]  # expert 0: token 1's first choice before token 0's second
-    assert plan.weight.tolist() == pytest.approx([0.7, 0.4, 0.3, 0.6, 1.0])
+    assert plan.counts.tolist() == [2, 1, 2, 0]
+    assert plan.expert.tolist() == [0, 0, 1, 2, 2, 4]  # the -1 slot sorts last, under the sentinel E = 4
+    assert plan.token.tolist() == [
+        1,
+        0,
+        1,
+        0,
+        2,
+        2,
+    ]  # expert 0: token 1's first choice before token 0's second
+    assert plan.weight.tolist() == pytest.approx([0.7, 0.4, 0.3, 0.6, 1.0, 0.0])
 
 
 def test_apply_capacity_keeps_the_first_assignments_of_each_expert() -> None:
     expert_index = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 0]])
     plan = sort_assignments(expert_index, torch.ones(4, 2), num_experts=3)
     kept, dropped = apply_capacity(plan, capacity=2)
-    assert kept.counts == [2, 2, 1]
+    assert kept.counts.tolist() == [2, 2, 1]
     # expert 0 saw first choices of tokens 0, 1, 2, then token 3's second choice: keeps tokens 0 and 1
-    assert kept.token.tolist() == [0, 1, 3, 0, 2]
+    assert kept.token.tolist()[:5] == [0, 1, 3, 0, 2]
+    assert kept.expert.tolist()[5:] == [3, 3, 3] and kept.weight.tolist()[5:] == [0, 0, 0]  # dropped: last
     assert int(dropped) == 3
     assert expert_capacity(1.25, num_tokens=100, k=2, num_experts=8) == 32
 

@@ -124,7 +124,7 @@ class Decoder(nn.Module):
         new_state = DecoderState(
             torch.cat([h.unsqueeze(0), hidden]), torch.cat([c.unsqueeze(0), cell]), context.squeeze(1)
         )
-        expert_index = [_expert_index_per_row(out, mask.squeeze(1)) for out in moe_outputs.values()]
+        expert_index = [out.expert_index_by_position for out in moe_outputs.values()]  # [N, k] each
         return StepOutput(logits, new_state, weights.squeeze(1), expert_index)
 
     def _upper(
@@ -154,10 +154,3 @@ class Decoder(nn.Module):
     def _logits(self, top: Tensor, ctx: Tensor) -> Tensor:
         """top, ctx [B, T, H] -> logits [B, T, V], all positions in one projection."""
         return self.output(self.dropout(torch.tanh(self.combine(torch.cat([top, ctx], dim=-1)))))
-
-
-def _expert_index_per_row(out: MoEOutput, mask: Tensor) -> Tensor:
-    """MoEOutput.expert_index [routed, k] spread back to all N rows: [N, k], -1 where a row was padding."""
-    index = out.expert_index.new_full((mask.shape[0], out.expert_index.shape[-1]), -1)
-    index[mask] = out.expert_index
-    return index

@@ -19,6 +19,7 @@ from nmt_moe.models.attention import ATTENTION_TYPES
 from nmt_moe.models.decoder import Decoder, DecoderState, StepOutput
 from nmt_moe.models.encoder import ENCODER_BIDIRECTIONAL, Encoder, EncoderOutput
 from nmt_moe.models.ffn import FFN_TYPES, build_ffn
+from nmt_moe.models.precision import fp32_where_bf16_is_missing
 from nmt_moe.moe import MoELayer, MoEOutput
 
 
@@ -186,22 +187,25 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Seq2SeqOutput:
         """Teacher forcing: src [B, S], src_lengths [B], tgt_in [B, T] (BOS + target) -> logits [B, T, V]."""
-        memory, mask, enc_moe = self.encoder(src, src_lengths)
-        enc = EncoderOutput(memory, self.decoder.attention.keys(memory), mask)
-        logits, dec_moe = self.decoder(tgt_in, enc)
+        with fp32_where_bf16_is_missing(src.device):
+            memory, mask, enc_moe = self.encoder(src, src_lengths)
+            enc = EncoderOutput(memory, self.decoder.attention.keys(memory), mask)
+            logits, dec_moe = self.decoder(tgt_in, enc)
         return Seq2SeqOutput(logits, {**enc_moe, **dec_moe})
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
         """src [B, S], src_lengths [B] -> memory, attention keys (computed once here) and mask."""
-        memory, mask, _ = self.encoder(src, src_lengths)
-        return EncoderOutput(memory, self.decoder.attention.keys(memory), mask)
+        with fp32_where_bf16_is_missing(src.device):
+            memory, mask, _ = self.encoder(src, src_lengths)
+            return EncoderOutput(memory, self.decoder.attention.keys(memory), mask)
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         return self.decoder.init_state(enc)
 
     def decode_step(self, prev_tokens: Tensor, state: DecoderState, enc: EncoderOutput) -> StepOutput:
         """prev_tokens [N] -> StepOutput(logits [N, V], state, attention [N, S], expert_index)."""
-        return self.decoder.step(prev_tokens, state, enc)
+        with fp32_where_bf16_is_missing(prev_tokens.device):
+            return self.decoder.step(prev_tokens, state, enc)
 
     def _init_weights(self) -> None:
         """Uniform(-0.1, 0.1) for the recurrent stack and attention (the usual LSTM-NMT init); embeddings

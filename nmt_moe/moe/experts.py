@@ -1,24 +1,36 @@
 """Expert FFNs with stacked weights, and the dense FFN they are compared against.
 
 `Experts` keeps all experts' weights in single tensors ([E, d_model, d_hidden], ...) and runs each expert on
-its contiguous slice of the expert-sorted tokens. Forward and backward are one autograd node
-(`_SortedExpertFFN`) that loops over experts with plain GEMMs writing straight into preallocated outputs and
-gradient buffers. Doing the same with autograd ops would index the stacked weights per expert inside the
-graph (backward cost O(E²)), or unbind them and pay a stack of E gradient copies plus cat/split copies of
-the activations.
+its contiguous slice of the expert-sorted tokens, with one of two backends:
+
+- "grouped": each GEMM of all experts is one `torch.nn.functional.grouped_mm` over the sorted rows, with the
+  slice ends as device-side int32 offsets: a few kernels per layer whatever E is, and no host
+  synchronisation. Its fast path needs bf16 on a GPU of compute capability 9.0 or 10.0 (H100, H200,
+  B200); it also runs on CPU (at about the loop's speed there), which is how the tests check its math.
+- "loop": one autograd node (`_SortedExpertFFN`) that loops over experts with plain GEMMs writing straight
+  into preallocated outputs and gradient buffers, on CPU spread over single-threaded workers. It reads the
+  counts on the host. Doing the same with autograd ops would index the stacked weights per expert inside the
+  graph (backward cost O(E²)), or unbind them and pay a stack of E gradient copies plus cat/split copies.
+
+"auto" (the default) picks "grouped" where its fast path exists and "loop" elsewhere.
+Rows past the last slice (assignments that reach no expert, see dispatch.py) come out as zeros.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt_moe.moe.cpu_threads import for_each_expert
+from nmt_moe.moe.dispatch import group_offsets
 
 ACTIVATIONS = ("relu", "swiglu")
+EXPERT_BACKENDS = ("auto", "grouped", "loop")
+ExpertBackend = Literal["auto", "grouped", "loop"]
 
 
 def _check_activation(activation: str) -> None:
@@ -77,6 +89,7 @@ class _SortedExpertFFN(torch.autograd.Function):
             _linear(hidden_e, w_out[e], None if b_out is None else b_out[e], out=out[rows])
 
         for_each_expert(parts, expert_forward, x.device)
+        out[sum(counts) :] = 0  # rows that reach no expert
         ctx.save_for_backward(x, pre, w_in, w_out, dropout_mask)
         ctx.parts, ctx.activation, ctx.has_bias = parts, activation, b_in is not None
         return out
@@ -110,7 +123,79 @@ class _SortedExpertFFN(torch.autograd.Function):
                 torch.mm(grad_pre, w_in[e].t(), out=grad_x[rows])
 
         for_each_expert(parts, expert_backward, x.device)
+        if grad_x is not None:
+            grad_x[parts[-1][1].stop if parts else 0 :] = 0
         return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+
+
+def grouped_expert_ffn(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    offsets: Tensor,
+    activation: str,
+    dropout_mask: Tensor | None,
+) -> Tensor:
+    """The loop's math as two grouped GEMMs over x [A, d] (rows sorted by expert, `offsets` [E] int32 slice
+    ends) -> [A, d], with plain autograd ops; nothing here reads a device value on the host.
+
+    grouped_mm leaves the rows past the last offset unwritten, in its output and in x's gradient: the two
+    `where`s turn both into zeros (a `where` passes no gradient to the branch it did not take).
+    """
+    rows, d_model = x.shape
+    valid = (torch.arange(rows, device=x.device) < offsets[-1]).unsqueeze(1)  # [A, 1]
+    x = torch.where(valid, x, 0)
+    x, w_in, b_in, w_out, b_out, dropout_mask = _pad_for_grouped_mm(
+        x, w_in, b_in, w_out, b_out, dropout_mask, activation
+    )
+    pre = F.grouped_mm(x, w_in, offs=offsets)  # [A, h_in]
+    if b_in is not None:
+        pre = pre + _bias_per_row(b_in, offsets, rows)
+    act = _activate(pre, activation)  # [A, h]
+    if dropout_mask is not None:
+        act = act * dropout_mask
+    out = F.grouped_mm(act, w_out, offs=offsets)  # [A, d]
+    if b_out is not None:
+        out = out + _bias_per_row(b_out, offsets, rows)
+    out = out[:, :d_model] if out.shape[1] != d_model else out  # drop the alignment padding
+    return torch.where(valid, out, 0)
+
+
+def _bias_per_row(bias: Tensor, offsets: Tensor, rows: int) -> Tensor:
+    """[A, h]: each sorted row's expert bias (zeros past the last slice), from bias [E, h]."""
+    row = torch.arange(rows, device=bias.device, dtype=offsets.dtype)
+    expert = torch.searchsorted(offsets, row, right=True)  # [A] in [0, E]; E past the last slice
+    return F.pad(bias, (0, 0, 0, 1)).index_select(0, expert)
+
+
+def _pad_for_grouped_mm(
+    x: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    dropout_mask: Tensor | None,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
+    """Zero-pad d_model and d_hidden to the 16-byte stride multiple grouped_mm requires (a no-op for the
+    usual widths: any multiple of 8). Zero columns stay zero through relu and swiglu (silu(0)·0)."""
+    align = 16 // x.element_size()
+    d_model, hidden = w_out.shape[2], w_out.shape[1]
+    pad_d, pad_h = -d_model % align, -hidden % align
+    if not pad_d and not pad_h:
+        return x, w_in, b_in, w_out, b_out, dropout_mask
+    halves = 2 if activation == "swiglu" else 1  # swiglu's w_in is [gate | up]: pad each half
+    experts = w_in.shape[0]
+    w_in = F.pad(w_in.reshape(experts, d_model, halves, hidden), (0, pad_h, 0, 0, 0, pad_d))
+    w_in = w_in.reshape(experts, d_model + pad_d, halves * (hidden + pad_h))
+    if b_in is not None:
+        b_in = F.pad(b_in.reshape(experts, halves, hidden), (0, pad_h)).reshape(experts, -1)
+    w_out = F.pad(w_out, (0, pad_d, 0, pad_h))
+    b_out = None if b_out is None else F.pad(b_out, (0, pad_d))
+    mask = None if dropout_mask is None else F.pad(dropout_mask, (0, pad_h))
+    return F.pad(x, (0, pad_d)), w_in, b_in, w_out, b_out, mask
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
@@ -144,10 +229,14 @@ class Experts(nn.Module):
         activation: str = "relu",
         dropout: float = 0.0,
         bias: bool = False,
+        backend: ExpertBackend = "auto",
     ) -> None:
         super().__init__()
         _check_activation(activation)
+        if backend not in EXPERT_BACKENDS:
+            raise ValueError(f"expert_backend must be one of {EXPERT_BACKENDS}, got {backend!r}")
         self.num_experts, self.activation, self.dropout = num_experts, activation, dropout
+        self.backend = backend
         d_in = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_in))  # [E, d, h_in]
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # [E, h, d]
@@ -164,10 +253,11 @@ class Experts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
-    def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
-        """x_sorted [A, d] sorted by expert, counts [E] slice lengths -> [A, d]."""
-        if len(counts) != self.num_experts or sum(counts) != x_sorted.shape[0]:
-            raise ValueError(f"counts must have {self.num_experts} entries summing to {x_sorted.shape[0]}")
+    def forward(self, x_sorted: Tensor, counts: Tensor | list[int]) -> Tensor:
+        """x_sorted [A, d] sorted by expert, counts [E] slice lengths (sum <= A; a long tensor, or a list)
+        -> [A, d]."""
+        if len(counts) != self.num_experts:
+            raise ValueError(f"counts must have {self.num_experts} entries, got {len(counts)}")
         device_type = x_sorted.device.type
         if torch.is_autocast_enabled(device_type):  # the custom function is opaque to autocast: cast here
             x_sorted = x_sorted.to(torch.get_autocast_dtype(device_type))
@@ -180,7 +270,20 @@ class Experts(nn.Module):
             mask = torch.empty(x_sorted.shape[0], hidden, dtype=dtype, device=x_sorted.device)
             mask = mask.bernoulli_(keep).div_(keep)
         with torch.autocast(device_type, enabled=False):
-            return _SortedExpertFFN.apply(x_sorted.contiguous(), *params, counts, self.activation, mask)
+            if self.uses_grouped_gemm(x_sorted):
+                offsets = group_offsets(torch.as_tensor(counts, device=x_sorted.device))
+                return grouped_expert_ffn(x_sorted, *params, offsets, self.activation, mask)
+            # the loop slices on the host (on a GPU: one synchronisation)
+            host_counts = counts.tolist() if isinstance(counts, Tensor) else counts
+            return _SortedExpertFFN.apply(x_sorted.contiguous(), *params, host_counts, self.activation, mask)
+
+    def uses_grouped_gemm(self, x: Tensor) -> bool:
+        """The backend for input `x`: "auto" takes grouped GEMMs where they have their fast path."""
+        if self.backend != "auto":
+            return self.backend == "grouped"
+        if not x.is_cuda or x.dtype != torch.bfloat16:
+            return False
+        return torch.cuda.get_device_capability(x.device)[0] in (9, 10)  # sm90 / sm100 CUTLASS kernels
 
     def _weights_as(self, dtype: torch.dtype) -> list[Tensor | None]:
         """(w_in, b_in, w_out, b_out) in `dtype`. Without autograd (decoding under bf16 autocast) the cast

@@ -6,6 +6,11 @@ its `losses(stats)`. Expert parallelism all-reduces the sums over the ranks and 
 every loss is the loss of the global batch. The layer weights and sums the losses. `bias` is the loss-free
 balancing bias (DeepSeek-V3): it is added to the scores used to *select* experts only, never to the gate
 weights. Every gate runs in fp32; the layer disables autocast around it.
+
+`valid` [N] bool (None = all) marks the real tokens: the others (padding) get expert -1 and weight 0 and
+count in no statistic. The layer routes every position this way instead of first picking out the real
+tokens, which would need their number on the host (a GPU synchronisation); no gate reads a device value on
+the host either, except the batchwise gate's padded width on CPU (see `BatchwiseGate`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from nmt_moe.moe.dispatch import expert_counts
 from nmt_moe.moe.losses import (
     batchwise_threshold_sum,
     cv_squared,
@@ -42,12 +48,6 @@ class Routing:
         return self.stats["importance"]
 
 
-def expert_counts(expert_index: Tensor, num_experts: int) -> Tensor:
-    """[E] long: assignments per expert, ignoring -1 padding."""
-    flat = expert_index.reshape(-1)
-    return torch.bincount(flat[flat >= 0], minlength=num_experts)
-
-
 def importance_of(expert_index: Tensor, gate_weight: Tensor, num_experts: int) -> Tensor:
     """[E] fp32: Σ over tokens of each expert's gate weight (differentiable)."""
     index = expert_index.reshape(-1).clamp(min=0)  # padded slots carry weight 0
@@ -62,9 +62,24 @@ def top_m_mask(scores: Tensor, kth: Tensor, needed: Tensor, ties_before: Tensor)
     return (scores > kth) | (tied & (tie_rank <= needed))
 
 
-def _token_count(x: Tensor) -> Tensor:
-    """[] fp32: the number of tokens, as a statistic that sums over ranks."""
-    return x.new_tensor(float(x.shape[0]))
+def _token_count(x: Tensor, valid: Tensor | None) -> Tensor:
+    """[] fp32: the number of real tokens, as a statistic that sums over ranks."""
+    return x.new_full((), float(x.shape[0])) if valid is None else valid.sum().float()
+
+
+def _sum_tokens(values: Tensor, valid: Tensor | None) -> Tensor:
+    """values [N, ...] summed over the real tokens -> [...]."""
+    if valid is None:
+        return values.sum(0)
+    return (values * valid.view(-1, *([1] * (values.dim() - 1)))).sum(0)
+
+
+def _drop_invalid(expert_index: Tensor, gate_weight: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """[N, k] routing with expert -1 and weight 0 on the rows that are not real tokens."""
+    if valid is None:
+        return expert_index, gate_weight
+    row = valid.unsqueeze(1)
+    return torch.where(row, expert_index, -1), torch.where(row, gate_weight, 0.0)
 
 
 def _with_bias(scores: Tensor, bias: Tensor | None) -> Tensor:
@@ -107,17 +122,19 @@ class NoisyTopKGate(nn.Module):
         noise_std = softplus_noise_std(noise_logits, self.noise_epsilon)
         return clean, clean + torch.randn_like(clean) * noise_std, noise_std
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, bias: Tensor | None = None, valid: Tensor | None = None) -> Routing:
         clean, noisy, noise_std = self.scores(x)
         selection = _with_bias(noisy, bias)  # [N, E]
-        expert_index = selection.topk(self.k, dim=-1).indices  # [N, k]
-        gate_weight = noisy.gather(1, expert_index).softmax(dim=-1)  # softmax over the kept logits
+        top = selection.topk(self.k, dim=-1).indices  # [N, k]
+        gate_weight = noisy.gather(1, top).softmax(dim=-1)  # softmax over the kept logits
+        expert_index, gate_weight = _drop_invalid(top, gate_weight, valid)
         importance = importance_of(expert_index, gate_weight, self.num_experts)
         if noise_std is None:
             load = expert_counts(expert_index, self.num_experts).float()
         else:
-            selected = torch.zeros_like(selection, dtype=torch.bool).scatter_(1, expert_index, True)
-            load = prob_in_top_k(_with_bias(clean, bias), selection, noise_std, selected, self.k).sum(0)
+            selected = torch.zeros_like(selection, dtype=torch.bool).scatter_(1, top, True)
+            prob = prob_in_top_k(_with_bias(clean, bias), selection, noise_std, selected, self.k)  # [N, E]
+            load = _sum_tokens(prob, valid)
         stats = {"importance": importance, "load": load}  # load [E]: smooth estimate (no noise: hard counts)
         return Routing(expert_index, gate_weight, stats, self.losses(stats))
 
@@ -137,19 +154,20 @@ class SoftmaxTopKGate(nn.Module):
         self.num_experts, self.k, self.renormalize = num_experts, k, renormalize
         self.w_gate = _router_weight(d_model, num_experts, zero=False)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, bias: Tensor | None = None, valid: Tensor | None = None) -> Routing:
         logits = x @ self.w_gate.float()  # [N, E]
         probs = logits.softmax(dim=-1)
         expert_index = _with_bias(probs, bias).topk(self.k, dim=-1).indices  # [N, k]
         gate_weight = probs.gather(1, expert_index)
         if self.renormalize:
             gate_weight = gate_weight / gate_weight.sum(dim=-1, keepdim=True)
+        expert_index, gate_weight = _drop_invalid(expert_index, gate_weight, valid)
         stats = {
             "importance": importance_of(expert_index, gate_weight, self.num_experts),
-            "prob_sum": probs.sum(0),  # [E]
+            "prob_sum": _sum_tokens(probs, valid),  # [E]
             "counts": expert_counts(expert_index, self.num_experts).float(),  # [E]
-            "tokens": _token_count(x),
-            "z_sum": router_z_sum(logits),
+            "tokens": _token_count(x, valid),
+            "z_sum": router_z_sum(logits, valid),
         }
         return Routing(expert_index, gate_weight, stats, self.losses(stats))
 
@@ -173,16 +191,17 @@ class SigmoidGate(nn.Module):
         self.num_experts, self.k = num_experts, k
         self.w_gate = _router_weight(d_model, num_experts, zero=False)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, bias: Tensor | None = None, valid: Tensor | None = None) -> Routing:
         scores = torch.sigmoid(x @ self.w_gate.float())  # [N, E]
         expert_index = _with_bias(scores, bias).topk(self.k, dim=-1).indices  # [N, k]
         gate_weight = scores.gather(1, expert_index)  # magnitudes, not renormalised
+        expert_index, gate_weight = _drop_invalid(expert_index, gate_weight, valid)
         affinity = scores / scores.sum(dim=-1, keepdim=True)  # [N, E], rows sum to one
         stats = {
             "importance": importance_of(expert_index, gate_weight, self.num_experts),
-            "affinity_sum": affinity.sum(0),  # [E]
+            "affinity_sum": _sum_tokens(affinity, valid),  # [E]
             "counts": expert_counts(expert_index, self.num_experts).float(),  # [E]
-            "tokens": _token_count(x),
+            "tokens": _token_count(x, valid),
         }
         return Routing(expert_index, gate_weight, stats, self.losses(stats))
 
@@ -213,39 +232,42 @@ class BatchwiseGate(nn.Module):
         self.threshold = nn.Parameter(torch.full((num_experts,), 1.0 / num_experts))
         self.global_batch = False  # True while the layer's experts are sharded over ranks
 
-    def batch_mask(self, probs: Tensor) -> Tensor:
-        """[N, E] bool: each expert's top m = k·N/E tokens in the batch (global batch if `global_batch`).
+    def batch_mask(self, probs: Tensor, valid: Tensor | None) -> Tensor:
+        """[N, E] bool: each expert's top m = k·N/E real tokens in the batch (global batch if
+        `global_batch`).
 
         Ties at the m-th score (identical tokens, e.g. every decoder's first step) go to the earlier tokens,
         ranks in rank order, so an expert takes exactly m tokens and a sharded run picks what one process
         picks on the concatenated batch.
         """
+        scores = probs if valid is None else probs.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        tokens = _token_count(probs, valid)
         if self.global_batch:
             from nmt_moe.moe.parallel import global_top_m  # here: parallel imports this module
 
-            kth, needed, ties_before = global_top_m(probs, self.k)
+            kth, needed, ties_before = global_top_m(scores, self.k, tokens)
         else:
-            m = max(1, self.k * probs.shape[0] // self.num_experts)
-            kth = probs.topk(m, dim=0).values[-1]  # [E] the m-th largest score of each expert
-            needed = m - (probs > kth).sum(0)  # [E] tokens still to take among those tied at kth
+            kth, needed = top_m_threshold(scores, self.k, tokens)
             ties_before = torch.zeros_like(needed)
-        return top_m_mask(probs, kth, needed, ties_before)
+        mask = top_m_mask(scores, kth, needed, ties_before)
+        return mask if valid is None else mask & valid.unsqueeze(1)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, bias: Tensor | None = None, valid: Tensor | None = None) -> Routing:
         probs = (x @ self.w_gate.float()).softmax(dim=-1)  # [N, E]
         threshold = self.threshold.float()
-        batch_mask = self.batch_mask(probs)
+        batch_mask = self.batch_mask(probs, valid)
         mask = batch_mask if self.training else probs > threshold
+        if valid is not None:
+            mask = mask & valid.unsqueeze(1)
         kept = probs * mask
         weights = kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-9)  # [N, E]; rows with no expert stay 0
-        width = max(int(mask.sum(dim=1).max()) if mask.shape[0] else 0, 1)
-        order = mask.float().argsort(dim=1, descending=True, stable=True)[:, :width]  # selected experts first
-        expert_index = torch.where(mask.gather(1, order), order, -1)  # [N, width]
+        order = mask.float().argsort(dim=1, descending=True, stable=True)[:, : _slot_width(mask)]
+        expert_index = torch.where(mask.gather(1, order), order, -1)  # [N, width], selected experts first
         gate_weight = weights.gather(1, order)  # 0 in padded slots
         stats = {
             "importance": importance_of(expert_index, gate_weight, self.num_experts),
-            "threshold_sum": batchwise_threshold_sum(probs, threshold, batch_mask),
-            "tokens": _token_count(x),
+            "threshold_sum": batchwise_threshold_sum(probs, threshold, batch_mask, valid),
+            "tokens": _token_count(x, valid),
         }
         return Routing(expert_index, gate_weight, stats, self.losses(stats))
 
@@ -254,6 +276,24 @@ class BatchwiseGate(nn.Module):
             "importance": cv_squared(stats["importance"]),
             "threshold": stats["threshold_sum"] / stats["tokens"].clamp(min=1),
         }
+
+
+def top_m_threshold(scores: Tensor, k: int, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The m-th largest score of each expert [E], m = max(1, k·N/E) for the (device) token count N, and how
+    many of the tokens tied at it to take [E]. A sort, not topk: topk would need m on the host."""
+    num_rows, num_experts = scores.shape
+    m = (k * tokens.long() // num_experts).clamp(min=1, max=num_rows)  # [] long
+    ranked = scores.sort(dim=0, descending=True).values  # [N, E]
+    kth = ranked.gather(0, (m - 1).expand(1, num_experts)).squeeze(0)  # [E]
+    return kth, m - (scores > kth).sum(0)
+
+
+def _slot_width(mask: Tensor) -> int:
+    """Slots per token in the batchwise gate's [N, width] routing: on CPU the most experts any token got
+    (read on the host), on a GPU all E, which needs no synchronisation but makes the dispatch sort N·E."""
+    if mask.is_cuda:
+        return mask.shape[1]
+    return max(int(mask.sum(dim=1).max()) if mask.shape[0] else 0, 1)
 
 
 class HierarchicalGate(nn.Module):
@@ -284,11 +324,14 @@ class HierarchicalGate(nn.Module):
         self.primary = NoisyTopKGate(d_model, num_groups, k_group, noise=noise, noise_epsilon=noise_epsilon)
         self.secondary = NoisyTopKGate(d_model, num_experts, k, noise=noise, noise_epsilon=noise_epsilon)
 
-    def forward(self, x: Tensor, bias: Tensor | None = None) -> Routing:
+    def forward(self, x: Tensor, bias: Tensor | None = None, valid: Tensor | None = None) -> Routing:
         n, groups, size = x.shape[0], self.num_groups, self.group_size
-        primary = self.primary(x)
-        group_index, group_weight = primary.expert_index, primary.gate_weight  # [N, kg]
+        primary = self.primary(x, valid=valid)
+        group_index = primary.expert_index.clamp(min=0)  # [N, kg]; rows of padding are dropped at the end
+        group_weight = primary.gate_weight  # [N, kg], 0 on padding
         in_group = torch.zeros(n, groups, dtype=torch.bool, device=x.device).scatter_(1, group_index, True)
+        if valid is not None:
+            in_group &= valid.unsqueeze(1)
 
         clean, noisy, noise_std = (
             t if t is None else t.view(n, groups, size) for t in self.secondary.scores(x)
@@ -301,6 +344,7 @@ class HierarchicalGate(nn.Module):
         width = self.k_group * self.k  # explicit, not -1: N may be 0 on an expert-parallel rank
         expert_index = (chosen * size + local_index.gather(1, chosen)).reshape(n, width)  # [N, kg·k]
         gate_weight = (group_weight.unsqueeze(-1) * local_weight.gather(1, chosen)).reshape(n, width)
+        expert_index, gate_weight = _drop_invalid(expert_index, gate_weight, valid)
         stats = {
             "importance": importance_of(expert_index, gate_weight, self.num_experts),
             "importance_primary": primary.stats["importance"],  # [G]

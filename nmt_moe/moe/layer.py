@@ -1,6 +1,8 @@
 """MoELayer: route tokens with a gate, run the chosen experts through the sorted dispatch, combine.
 
-The layer has no residual connection of its own: the model adds one around it.
+The layer has no residual connection of its own: the model adds one around it. Its forward and backward
+never wait for the GPU to hand a value to the host (with the "grouped" expert backend, without expert
+parallelism): padding is routed to no expert rather than picked out, and the dispatch keeps static shapes.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from nmt_moe.moe.dispatch import apply_capacity, combine, expert_capacity, sort_assignments
-from nmt_moe.moe.experts import ACTIVATIONS, Experts, FeedForward
+from nmt_moe.moe.dispatch import apply_capacity, combine, expert_capacity, expert_counts, sort_assignments
+from nmt_moe.moe.experts import ACTIVATIONS, EXPERT_BACKENDS, ExpertBackend, Experts, FeedForward
 from nmt_moe.moe.gates import (
     GATES,
     BatchwiseGate,
@@ -21,7 +23,6 @@ from nmt_moe.moe.gates import (
     Routing,
     SigmoidGate,
     SoftmaxTopKGate,
-    expert_counts,
 )
 from nmt_moe.moe.parallel import ExpertParallel, global_routing, run_sharded_experts
 
@@ -30,18 +31,35 @@ GateName = Literal["noisy_topk", "batchwise", "softmax_topk", "switch", "sigmoid
 
 @dataclass
 class MoEOutput:
-    """Everything one MoE call produced. Routing fields cover the unmasked tokens only, in order."""
+    """Everything one MoE call produced. The routing of every position of x is in the `*_by_position`
+    fields; `expert_index` and `gate_weight` pick out the unmasked tokens, in order."""
 
     y: Tensor  # same shape as x; zeros at masked positions
     aux_loss: Tensor  # scalar, already weighted; 0 in eval mode
-    expert_index: Tensor  # [routed_tokens, k] long (batchwise: variable count, padded with -1)
-    gate_weight: Tensor  # [routed_tokens, k] fp32 (0 in padded slots)
+    expert_index_by_position: Tensor  # [M, k] long over x's M positions; -1 where masked (batchwise: and
+    #                                   in the padding of a variable count)
+    gate_weight_by_position: Tensor  # [M, k] fp32, 0 wherever expert_index_by_position is -1
+    token_mask: Tensor | None  # [M] bool: the mask the layer was called with, flattened
     load: Tensor  # [E] long: assignments routed to each expert (before capacity)
     importance: Tensor  # [E] fp32: summed gate weights per expert
     losses: dict[str, Tensor] = field(default_factory=dict)  # unweighted components, for logging
     dropped: Tensor = field(
         default_factory=lambda: torch.zeros((), dtype=torch.long)
     )  # assignments over capacity
+
+    @property
+    def expert_index(self) -> Tensor:
+        """[routed_tokens, k]: the unmasked tokens' experts (picking them out reads the mask on the host)."""
+        return _unmasked(self.expert_index_by_position, self.token_mask)
+
+    @property
+    def gate_weight(self) -> Tensor:
+        """[routed_tokens, k]: the unmasked tokens' gate weights."""
+        return _unmasked(self.gate_weight_by_position, self.token_mask)
+
+
+def _unmasked(per_position: Tensor, mask: Tensor | None) -> Tensor:
+    return per_position if mask is None else per_position[mask]
 
 
 class MoELayer(nn.Module):
@@ -65,6 +83,9 @@ class MoELayer(nn.Module):
             optimizer step.
         num_shared_experts: always-on experts of width d_hidden added to every token's output.
         num_groups, k_group: hierarchical gate only: E experts in num_groups groups, k_group groups per token.
+        expert_backend: "grouped" runs each GEMM of all experts as one grouped GEMM (no host
+            synchronisation; fast on bf16 H100/H200/B200-class GPUs), "loop" one GEMM pair per expert (on
+            CPU over worker threads), "auto" the grouped one where it has its fast path, else the loop.
     """
 
     def __init__(
@@ -90,6 +111,7 @@ class MoELayer(nn.Module):
         num_shared_experts: int = 0,
         num_groups: int = 1,
         k_group: int = 1,
+        expert_backend: ExpertBackend = "auto",
     ) -> None:
         super().__init__()
         _validate(locals())
@@ -107,7 +129,9 @@ class MoELayer(nn.Module):
         }
         self.gate = _build_gate(gate, d_model, num_experts, k, noise, noise_epsilon, num_groups, k_group)
         self.normalize_expert_output = getattr(self.gate, "normalize_expert_output", False)
-        self.experts = Experts(num_experts, d_model, d_hidden, activation, dropout, bias=ffn_bias)
+        self.experts = Experts(
+            num_experts, d_model, d_hidden, activation, dropout, bias=ffn_bias, backend=expert_backend
+        )
         self.shared = (
             FeedForward(d_model, num_shared_experts * d_hidden, activation, dropout, bias=ffn_bias)
             if num_shared_experts
@@ -128,23 +152,23 @@ class MoELayer(nn.Module):
                 f"mask: expected bool of shape {tuple(x.shape[:-1])}, got {mask.dtype} {tuple(mask.shape)}"
             )
         flat = x.reshape(-1, self.d_model)  # [M, d]
-        rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)  # [N]
-        tokens = flat if rows is None else flat.index_select(0, rows)  # [N, d]
-        if tokens.shape[0] == 0 and self.expert_parallel is None:  # expert parallel: join the collectives
+        valid = None if mask is None else mask.reshape(-1)  # [M]; padding is routed to no expert
+        if flat.shape[0] == 0 and self.expert_parallel is None:  # expert parallel: join the collectives
             return self._empty_output(x)
 
         with torch.autocast(device_type=x.device.type, enabled=False):  # gating math in fp32
-            routing = self.gate(tokens.float(), self.expert_bias if self.loss_free_bias else None)
+            bias = self.expert_bias if self.loss_free_bias else None
+            routing = self.gate(flat.float(), bias, valid=valid)
         load = expert_counts(routing.expert_index, self.num_experts)  # [E]
         if self.expert_parallel is not None:  # statistics and balancing losses of the global batch
             routing, load = global_routing(routing, load, self.gate.losses)
         if self.loss_free_bias and self.training:
             self.load_since_update += load
-        routed, dropped = self._run_experts(tokens, routing)  # [N, d]
+        routed, dropped = self._run_experts(flat, routing, valid)  # [M, d] fp32, zeros at padding
         if self.shared is not None:
-            routed = routed + self.shared(tokens)
-        routed = routed.to(x.dtype)  # under autocast the experts ran in the autocast dtype
-        y = routed if rows is None else flat.new_zeros(flat.shape).index_copy(0, rows, routed)
+            shared = self.shared(flat)
+            routed = routed + (shared if valid is None else torch.where(valid.unsqueeze(1), shared, 0))
+        y = routed.to(x.dtype)  # under autocast the experts ran in the autocast dtype
 
         if self.training:
             aux_loss = torch.stack(
@@ -156,8 +180,9 @@ class MoELayer(nn.Module):
         return MoEOutput(
             y=y.reshape(x.shape),
             aux_loss=aux_loss,
-            expert_index=routing.expert_index,
-            gate_weight=routing.gate_weight,
+            expert_index_by_position=routing.expert_index,
+            gate_weight_by_position=routing.gate_weight,
+            token_mask=valid,
             load=load,
             importance=routing.importance.detach(),
             losses=losses,
@@ -165,28 +190,31 @@ class MoELayer(nn.Module):
         )
 
     def _empty_output(self, x: Tensor) -> MoEOutput:
-        """Every token masked: nothing is routed; y = x · 0 keeps the output in x's autograd graph."""
+        """x has no positions: nothing is routed; y = x · 0 keeps the output in x's autograd graph."""
         zero = torch.zeros((), device=x.device)
         return MoEOutput(
             y=x * 0,
             aux_loss=zero,
-            expert_index=torch.zeros(0, self.experts_per_token, dtype=torch.long, device=x.device),
-            gate_weight=torch.zeros(0, self.experts_per_token, device=x.device),
+            expert_index_by_position=torch.zeros(
+                0, self.experts_per_token, dtype=torch.long, device=x.device
+            ),
+            gate_weight_by_position=torch.zeros(0, self.experts_per_token, device=x.device),
+            token_mask=None,
             load=torch.zeros(self.num_experts, dtype=torch.long, device=x.device),
             importance=torch.zeros(self.num_experts, device=x.device),
             dropped=torch.zeros((), dtype=torch.long, device=x.device),
         )
 
-    def _run_experts(self, tokens: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
-        """Sorted dispatch: sort, (capacity), gather, experts, scatter-add. Returns [N, d] and dropped."""
+    def _run_experts(self, tokens: Tensor, routing: Routing, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Sorted dispatch: sort, (capacity), gather, experts, scatter-add. tokens [M, d], valid [M] ->
+        [M, d] fp32 and the dropped count."""
         num_tokens = tokens.shape[0]
         plan = sort_assignments(routing.expert_index, routing.gate_weight, self.num_experts)
         dropped = torch.zeros((), dtype=torch.long, device=tokens.device)
         if self.capacity_factor is not None:
-            capacity = expert_capacity(
-                self.capacity_factor, num_tokens, self.experts_per_token, self.num_experts
-            )
-            plan, dropped = apply_capacity(plan, capacity)
+            real = num_tokens if valid is None else valid.sum()
+            capacity = expert_capacity(self.capacity_factor, real, self.experts_per_token, self.num_experts)
+            plan, dropped = apply_capacity(plan, capacity.to(tokens.device))
         x_sorted = tokens.index_select(0, plan.token)  # [A, d]
         if self.expert_parallel is None:
             out_sorted = self.experts(x_sorted, plan.counts)  # [A, d]
@@ -199,11 +227,13 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         """Loss-free balancing: raise the bias of underloaded experts and lower it for overloaded ones by
-        `bias_update_rate`, from the load seen since the last call (no-op when loss_free_bias is off)."""
-        if not self.loss_free_bias or float(self.load_since_update.sum()) == 0:
+        `bias_update_rate`, from the load seen since the last call (no change when none was seen, or when
+        loss_free_bias is off; decided on the device, without a synchronisation)."""
+        if not self.loss_free_bias:
             return
         load = self.load_since_update
-        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        seen = (load.sum() > 0).to(load.dtype)
+        self.expert_bias += seen * self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
 
 
@@ -235,6 +265,8 @@ def _validate(args: dict) -> None:
         bad("gate", f"must be one of {GATES}")
     if args["activation"] not in ACTIVATIONS:
         bad("activation", f"must be one of {ACTIVATIONS}")
+    if args["expert_backend"] not in EXPERT_BACKENDS:
+        bad("expert_backend", f"must be one of {EXPERT_BACKENDS}")
     if gate == "hierarchical":
         if num_experts % args["num_groups"]:
             bad("num_groups", f"must divide num_experts={num_experts}")

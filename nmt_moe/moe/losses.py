@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_NORMAL = torch.distributions.Normal(0.0, 1.0)
-
 
 def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
     """Squared coefficient of variation, population variance / mean².
@@ -42,7 +40,7 @@ def prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, selected: Ten
     threshold_if_in = top[..., k : k + 1]  # (k+1)-th largest
     threshold_if_out = top[..., k - 1 : k]  # k-th largest
     threshold = torch.where(selected, threshold_if_in, threshold_if_out)  # [..., E]
-    return _NORMAL.cdf((clean - threshold) / noise_std)
+    return torch.special.ndtr((clean - threshold) / noise_std)  # Φ; Normal.cdf would validate on the host
 
 
 def switch_balance_loss(prob_sum: Tensor, load: Tensor, num_tokens: Tensor, k: int) -> Tensor:
@@ -60,20 +58,26 @@ def switch_balance_loss(prob_sum: Tensor, load: Tensor, num_tokens: Tensor, k: i
     return num_experts * (fraction * mean_prob).sum()
 
 
-def router_z_sum(logits: Tensor) -> Tensor:
-    """Σ over tokens of logsumexp(logits)²: the ST-MoE router z-loss (which keeps router logits small) is
-    this sum divided by the number of tokens."""
-    return torch.logsumexp(logits, dim=-1).pow(2).sum()
+def router_z_sum(logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Σ over the (valid [N]) tokens of logsumexp(logits)²: the ST-MoE router z-loss (which keeps router
+    logits small) is this sum divided by the number of tokens."""
+    z = torch.logsumexp(logits, dim=-1).pow(2)  # [N]
+    return z.sum() if valid is None else (z * valid).sum()
 
 
-def batchwise_threshold_sum(scores: Tensor, threshold: Tensor, batch_mask: Tensor) -> Tensor:
+def batchwise_threshold_sum(
+    scores: Tensor, threshold: Tensor, batch_mask: Tensor, valid: Tensor | None = None
+) -> Tensor:
     """Shazeer et al. (2017) appendix F: trains per-expert thresholds to mimic the batchwise mask.
 
     Σ_x Σ_i (M_threshold(x)_i − M_batchwise(X)_{x,i}) · (x_i − T_i), summed over tokens and experts as in the
     paper; the gate divides it by the (global) number of tokens, which keeps the weight independent of the
-    batch size. `scores` [N, E], `threshold` [E], `batch_mask` [N, E] bool.
+    batch size. `scores` [N, E], `threshold` [E], `batch_mask` [N, E] bool, `valid` [N] bool real tokens.
     """
-    threshold_mask = (scores > threshold).float()
+    threshold_mask = scores > threshold
+    if valid is not None:
+        threshold_mask = threshold_mask & valid.unsqueeze(1)
+    threshold_mask = threshold_mask.float()
     disagreement = threshold_mask - batch_mask.float()  # [N, E] in {-1, 0, 1}
     return (disagreement * (scores - threshold)).sum()
 

@@ -101,24 +101,31 @@ def init_expert_parallel(expert_parallel_size: int) -> ExpertParallel:
 # --- the exchange ---------------------------------------------------------------------------------------
 
 
-def run_sharded_experts(experts: Experts, x_sorted: Tensor, counts: list[int], ep: ExpertParallel) -> Tensor:
+def run_sharded_experts(experts: Experts, x_sorted: Tensor, counts: Tensor, ep: ExpertParallel) -> Tensor:
     """x_sorted [A, d] sorted by global expert, counts [E] -> expert outputs [A, d] in the same order, the
-    experts living on the ranks of `ep.group` (this rank holds `experts`, E/P of them)."""
+    experts living on the ranks of `ep.group` (this rank holds `experts`, E/P of them). Rows past
+    sum(counts) reach no expert and come back as zeros.
+
+    The uneven all-to-all needs its split sizes on the host: both directions' travel in one device-to-host
+    copy, the only synchronisation of the exchange.
+    """
     num_local = experts.num_experts
-    send_counts = torch.tensor(counts, dtype=torch.long, device=x_sorted.device)  # [E] = [P·L]
+    send_counts = counts.to(torch.long)  # [E] = [P·L]
     recv_counts = torch.empty_like(send_counts)  # [P·L]: from each source, rows for each local expert
     dist.all_to_all_single(recv_counts, send_counts, group=ep.group)
     recv_counts = recv_counts.view(ep.size, num_local)  # [P sources, L local experts]
-    send_splits = send_counts.view(ep.size, num_local).sum(1).tolist()  # rows to each destination
-    recv_splits = recv_counts.sum(1).tolist()  # rows from each source
+    splits = torch.stack([send_counts.view(ep.size, num_local).sum(1), recv_counts.sum(1)]).tolist()
+    send_splits, recv_splits = splits  # rows to each destination, rows from each source
+    sent = sum(send_splits)
 
-    x_recv = exchange(x_sorted, recv_splits, send_splits, ep.group)  # [R, d], by source then local expert
+    x_recv = exchange(x_sorted[:sent], recv_splits, send_splits, ep.group)  # [R, d], by source, local expert
     local_expert = torch.arange(num_local, device=x_sorted.device).repeat(ep.size)  # [P·L]
-    local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1))  # [R]
+    local_expert = local_expert.repeat_interleave(recv_counts.reshape(-1), output_size=sum(recv_splits))
     order = torch.argsort(local_expert, stable=True)  # [R] regroups rows by local expert
-    out_local = experts(x_recv.index_select(0, order), recv_counts.sum(0).tolist())  # [R, d]
+    out_local = experts(x_recv.index_select(0, order), recv_counts.sum(0))  # [R, d]
     out_recv = torch.zeros_like(out_local).index_copy(0, order, out_local)  # back to arrival order
-    return exchange(out_recv, send_splits, recv_splits, ep.group)  # [A, d]
+    out = exchange(out_recv, send_splits, recv_splits, ep.group)  # [sent, d]
+    return torch.cat([out, out.new_zeros(x_sorted.shape[0] - sent, out.shape[1])])
 
 
 def exchange(x: Tensor, recv_splits: list[int], send_splits: list[int], group: Any) -> Tensor:
@@ -176,9 +183,10 @@ def global_routing(
     return Routing(routing.expert_index, routing.gate_weight, stats, losses_of(stats)), global_load
 
 
-def global_top_m(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def global_top_m(scores: Tensor, k: int, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The batchwise gate's top m per expert over all ranks' tokens, m = max(1, k·N/E) with N the global
-    token count, as `gates.top_m_mask` arguments: each expert's m-th largest score [E], how many of the
+    token count (the sum of every rank's `tokens`; rows that are no token score -inf), as `gates.top_m_mask`
+    arguments: each expert's m-th largest score [E], how many of the
     tokens tied at it to take [E], and how many tied tokens lower ranks hold [E] (ties go to earlier tokens).
 
     The global top m of an expert is among the union of every rank's local top m, so each rank sends only
@@ -187,9 +195,9 @@ def global_top_m(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """
     num_local, num_experts = scores.shape
     world, rank = dist.get_world_size(), dist.get_rank()
-    tokens = torch.tensor([num_local], device=scores.device)
+    tokens = tokens.reshape(1).round().long()
     dist.all_reduce(tokens)
-    m = max(1, k * int(tokens) // num_experts)
+    m = max(1, k * int(tokens) // num_experts)  # on the host: a synchronisation (batchwise gate only)
     candidates = scores.new_full((m, num_experts), float("-inf"))  # [m, E], -inf where a rank has < m tokens
     candidates[: min(m, num_local)] = scores.detach().topk(min(m, num_local), dim=0).values
     gathered = [torch.empty_like(candidates) for _ in range(world)]
