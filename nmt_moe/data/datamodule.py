@@ -95,7 +95,7 @@ class TranslationDataModule(pl.LightningDataModule):
         character_coverage: float = 1.0,
         byte_fallback: bool = False,
         joint_vocab: bool = True,
-        spm_input_sentence_size: int = 2_000_000,
+        spm_input_sentence_size: int = 1_000_000,
         spm_seed: int = 0,
         spm_num_threads: int | None = None,
         content_key: bool = False,

@@ -101,7 +101,7 @@ def train_tokenizer(
     character_coverage: float = 1.0,
     byte_fallback: bool = False,
     user_defined_symbols: Sequence[str] = (),
-    input_sentence_size: int = 2_000_000,
+    input_sentence_size: int = 1_000_000,
     seed_sentencepiece_size: int = 1_000_000,
     num_threads: int | None = None,
     seed: int = 0,
