@@ -1,12 +1,15 @@
-"""Translation speed on Multi30k test_2016_flickr: greedy and beam 5, batched vs one sentence at a time.
+"""Translation speed on Multi30k test_2016_flickr: greedy and beam 5, batched vs one sentence at a time,
+float32 vs int8, and (where a GPU is present) beam 5 in bf16 on CUDA.
 
-Prints one JSON object. Every ratio compares runs of the same model in the same process:
+Prints one JSON object. Every ratio compares runs measured in this process, in this run:
   * `batched_over_unbatched`: sentences/s with batches of `--batch-sentences` over batches of 1, measured
     on the same first `--unbatched-sentences` sentences (one at a time is slow, so a subset);
-  * `over_opennmt`: batched sentences/s on the whole test set over OpenNMT-py 3.5.1's numbers measured on
-    this machine (2-layer 256-unit LSTM, 8k vocab, 8.5M parameters, batches of 64, 2 threads: beam 5 98
-    sentences/s and 1,295 target tokens/s, greedy 217 sentences/s; see shared/notes/libraries.md).
-Timings exclude start-up and model loading but include SentencePiece encoding and decoding to text.
+  * `int8_over_float32`: the same model after `nmt_moe.decoding.int8.quantize_int8` (`translate --int8`),
+    measured right after the float32 one.
+There is no peer baseline here: a figure measured on another day or machine would not be comparable.
+scripts/bench_opennmt.py trains and times OpenNMT-py beside nmt-moe in one run.
+Timings exclude start-up and model loading but include SentencePiece encoding and decoding to text; each
+is the median of `--repeats` passes after one warm-up pass.
 `startup_s` is measured separately: a fresh `nmt-moe translate` process from start to its first output line.
 
 Without `--model`, a random-weight model of the reference size is built (2-layer 256-unit LSTMs, `--ffn none`
@@ -21,30 +24,30 @@ JSON reports the target tokens produced. Prefer `--model` with a trained checkpo
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nmt_moe.checkpoint import export_bundle, load_model, save_checkpoint
 from nmt_moe.data.tokenizer import Tokenizer, train_tokenizer
-from nmt_moe.decoding.greedy import greedy_decode
-from nmt_moe.decoding.translate import DecodeOptions, encode_sources, make_batches, translate_sources
+from nmt_moe.decoding.int8 import quantize_int8
+from nmt_moe.decoding.translate import DecodeOptions, encode_sources, translate_sources
 from nmt_moe.models import Seq2Seq
 from nmt_moe.models.seq2seq import parameter_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
-OPENNMT = {
-    "beam5": {"sentences_per_s": 98.0, "target_tokens_per_s": 1295.0},
-    "greedy": {"sentences_per_s": 217.0},
-}
 
 
 def random_model(data: Path, src: str, tgt: str, ffn: str) -> tuple[Seq2Seq, Tokenizer]:
@@ -61,50 +64,29 @@ def random_model(data: Path, src: str, tgt: str, ffn: str) -> tuple[Seq2Seq, Tok
     return model.eval(), tokenizer
 
 
-def run_greedy(
-    model: Seq2Seq, sources: list[list[int]], options: DecodeOptions, batch_sentences: int, max_tokens: int
-) -> list[list[int]]:
-    """greedy_decode (the model engineer's batched greedy search) with the same batching as translate."""
-    outputs: list[list[int]] = [[] for _ in sources]
-    for batch in make_batches([len(s) for s in sources], max_tokens, batch_sentences):
-        lengths = torch.tensor([len(sources[i]) for i in batch])
-        src = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
-        for row, i in enumerate(batch):
-            src[row, : len(sources[i])] = torch.tensor(sources[i])
-        tokens, _ = greedy_decode(
-            model, src, lengths, max_len_a=options.max_len_a, max_len_b=options.max_len_b
-        )
-        for i, toks in zip(batch, tokens, strict=True):
-            outputs[i] = toks
-    return outputs
-
-
 def measure(
-    model: Seq2Seq,
+    model: Any,
     tokenizer: Tokenizer,
     lines: list[str],
-    mode: str,
     options: DecodeOptions,
     batch_sentences: int,
     max_tokens: int = 10**9,
     repeats: int = 1,
 ) -> dict:
-    """End-to-end time (encode, search, decode to text) of `lines`; the fastest of `repeats` runs, since a
-    shared machine only ever adds time."""
+    """End-to-end time (encode, search, decode to text) of `lines`: the median of `repeats` passes after
+    one untimed warm-up pass. `translate_sources` runs greedy search for beam 1 without penalties."""
     times = []
-    for _ in range(repeats):
+    for run in range(repeats + 1):
         start = time.perf_counter()
         sources = encode_sources(lines, tokenizer, max_input_tokens=1024)
-        if mode == "greedy":
-            outputs = run_greedy(model, sources, options, batch_sentences, max_tokens)
-        else:
-            results = translate_sources(
-                model, sources, options, max_tokens=max_tokens, max_sentences=batch_sentences
-            )
-            outputs = [nbest[0].tokens for nbest in results]
+        results = translate_sources(
+            model, sources, options, max_tokens=max_tokens, max_sentences=batch_sentences
+        )
+        outputs = [nbest[0].tokens for nbest in results]
         tokenizer.decode(outputs)
-        times.append(time.perf_counter() - start)
-    seconds = min(times)
+        if run:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     target_tokens = sum(map(len, outputs))
     return {
         "sentences": len(lines),
@@ -113,7 +95,25 @@ def measure(
         "sentences_per_s": round(len(lines) / seconds, 1),
         "target_tokens_per_s": round(target_tokens / seconds, 1),
         "mean_target_tokens": round(target_tokens / len(lines), 2),
+        "load_average": os.getloadavg(),
     }
+
+
+def cuda_bf16_beam5(
+    model: Seq2Seq,
+    tokenizer: Tokenizer,
+    lines: list[str],
+    options: DecodeOptions,
+    batch_sentences: int,
+    repeats: int,
+) -> dict:
+    """Beam 5 under bf16 autocast on the first CUDA device, or why it was not measured."""
+    if not torch.cuda.is_available():
+        return {"measured": False, "reason": "no CUDA device in this run"}
+    gpu = copy.deepcopy(model).to("cuda")
+    bf16 = dataclasses.replace(options, bf16=True)
+    result = measure(gpu, tokenizer, lines, bf16, batch_sentences, repeats=repeats)
+    return {"measured": True, "device": torch.cuda.get_device_name(0), **result}
 
 
 def startup_time(bundle: Path, line: str, options: DecodeOptions, threads: int) -> dict:
@@ -152,7 +152,9 @@ def main() -> None:
     parser.add_argument("--batch-sentences", type=int, default=64)
     parser.add_argument("--unbatched-sentences", type=int, default=200)
     parser.add_argument("--limit", type=int, default=None, help="test sentences (default all)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest counts")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed passes per measurement; the median counts"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -171,36 +173,26 @@ def main() -> None:
     )
     subset = lines[: args.unbatched_sentences]
 
-    measure(
-        model, tokenizer, lines[:16], "beam", options["beam5"], args.batch_sentences, repeats=args.repeats
-    )  # warm-up
+    int8 = quantize_int8(copy.deepcopy(model))
     results: dict[str, dict] = {}
     for name in ("greedy", "beam5"):
-        mode = "greedy" if name == "greedy" else "beam"
-        full = measure(
-            model, tokenizer, lines, mode, options[name], args.batch_sentences, repeats=args.repeats
-        )
-        cli_default = measure(
-            model, tokenizer, lines, mode, options[name], 256, max_tokens=4096, repeats=args.repeats
-        )
-        batched = measure(
-            model, tokenizer, subset, mode, options[name], args.batch_sentences, repeats=args.repeats
-        )
-        alone = measure(model, tokenizer, subset, mode, options[name], 1, repeats=args.repeats)
+        opts, reps = options[name], args.repeats
+        full = measure(model, tokenizer, lines, opts, args.batch_sentences, repeats=reps)
+        full_int8 = measure(int8, tokenizer, lines, opts, args.batch_sentences, repeats=reps)
+        cli_default = measure(model, tokenizer, lines, opts, 256, max_tokens=4096, repeats=reps)
+        batched = measure(model, tokenizer, subset, opts, args.batch_sentences, repeats=reps)
+        alone = measure(model, tokenizer, subset, opts, 1, repeats=reps)
         results[name] = {
             "batched_full_test_set": full,
+            "batched_full_test_set_int8": full_int8,
             "cli_default_batching_full_test_set": cli_default,
             "batched_subset": batched,
             "unbatched_subset": alone,
             "batched_over_unbatched": round(batched["sentences_per_s"] / alone["sentences_per_s"], 2),
-            "over_opennmt": round(full["sentences_per_s"] / OPENNMT[name]["sentences_per_s"], 2),
-            "cli_default_over_opennmt": round(
-                cli_default["sentences_per_s"] / OPENNMT[name]["sentences_per_s"], 2
-            ),
+            "int8_over_float32": round(full_int8["sentences_per_s"] / full["sentences_per_s"], 2),
         }
-    # greedy through beam_search (beam 1), to show what the general search costs over plain greedy
-    results["beam1_via_beam_search"] = measure(
-        model, tokenizer, lines, "beam", options["greedy"], args.batch_sentences, repeats=args.repeats
+    results["beam5_bf16_cuda"] = cuda_bf16_beam5(
+        model, tokenizer, lines, options["beam5"], args.batch_sentences, args.repeats
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,8 +218,8 @@ def main() -> None:
         "batch_sentences": args.batch_sentences,
         "results": results,
         "startup": startup,
-        "opennmt_reference": OPENNMT,
-        "targets": {"beam5_batched_over_unbatched": ">= 5", "beam5_over_opennmt": ">= 1.5"},
+        "targets": {"beam5_batched_over_unbatched": ">= 5"},
+        "peer_comparison": "none here; scripts/bench_opennmt.py measures OpenNMT-py in the same run",
     }  # fmt: skip
     print(json.dumps(report, indent=2))
 
