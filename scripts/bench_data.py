@@ -91,23 +91,28 @@ def _children(pid: int) -> list[int]:
     return tree
 
 
-def _memory(pids: list[int]) -> tuple[int, int]:
-    """(sum of RSS, sum of PSS) in bytes over `pids`; PSS shares copy-on-write pages out fairly."""
-    rss = pss = 0
+def _memory(pids: list[int]) -> dict[str, int]:
+    """Bytes over `pids`: RSS, its anonymous part (heap: what memory limits bite on) and its file-backed
+    part (memory-mapped Arrow files, reclaimable page cache), and PSS (shared pages shared out)."""
+    total = {"rss": 0, "anon": 0, "file": 0, "pss": 0}
+    fields = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
     for pid in pids:
         try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in fields:
+                    total[fields[name]] += int(value.split()[0]) * 1024
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
+                if line.startswith("Pss:"):
+                    total["pss"] += int(line.split()[1]) * 1024
         except OSError:
             continue
-    return rss, pss
+    return total
 
 
 def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run `command`, sampling its tree's memory every 0.5 s and timestamping its stderr lines."""
+    """Run `command`, sampling its tree's memory every 0.5 s (each kind's peak on its own) and
+    timestamping its stderr lines; `max_process_rss_bytes` is the largest single process's peak RSS."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log: list[tuple[float, str]] = []
@@ -119,10 +124,10 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    peak_rss = peak_pss = 0
+    peak = {"rss": 0, "anon": 0, "file": 0, "pss": 0}
     while proc.poll() is None:
-        rss, pss = _memory(_children(proc.pid))
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        for name, value in _memory(_children(proc.pid)).items():
+            peak[name] = max(peak[name], value)
         time.sleep(0.5)
     stdout = proc.stdout.read() if proc.stdout else ""
     reader.join(5)
@@ -131,8 +136,7 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {
         "returncode": proc.returncode,
         "wall_seconds": round(time.perf_counter() - start, 2),
-        "peak_tree_rss_bytes": peak_rss,
-        "peak_tree_pss_bytes": peak_pss,
+        **{f"peak_tree_{name}_bytes": value for name, value in peak.items()},
         "max_process_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "stdout": stdout,
         "log": log,

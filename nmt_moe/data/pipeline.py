@@ -332,6 +332,8 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
         else:  # evaluation sets keep every pair so scores stay comparable; only whitespace is normalised
             text[split] = normalize(ds, num_proc) if config.cleaning.normalize_whitespace else ds
             filters[split] = {}
+    pairs_in = {split: len(ds) for split, ds in raw.items() if ds is not None}
+    del raw, ds  # unmap the raw text: its pages would otherwise stay in RSS through SentencePiece
 
     log.info("training SentencePiece on %d pairs", len(text["train"]))
     src_tok, tgt_tok = _train_tokenizers(config, text["train"])
@@ -357,11 +359,11 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
                     f"the training corpus is empty after length filtering (dropped: {filters[split]})"
                 )
         encoded.save_to_disk(str(out / split))
-        summary["splits"][split] = _split_summary(out / split, len(raw[split]), filters[split])
+        summary["splits"][split] = _split_summary(out / split, pairs_in[split], filters[split])
     summary["vocab_size"] = src_tok.vocab_size
     summary["spm_model_type"] = config.spm_model_type
     summary["joint_vocab"] = config.joint_vocab
-    del raw, text
+    del text
     shutil.rmtree(work, ignore_errors=True)
     return summary
 
