@@ -125,9 +125,12 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     peak = {"rss": 0, "anon": 0, "file": 0, "pss": 0}
+    largest_anon = 0  # one process's heap: the tree sum counts forked workers' shared pages again
     while proc.poll() is None:
-        for name, value in _memory(_children(proc.pid)).items():
+        pids = _children(proc.pid)
+        for name, value in _memory(pids).items():
             peak[name] = max(peak[name], value)
+        largest_anon = max([largest_anon, *(_memory([pid])["anon"] for pid in pids)])
         time.sleep(0.5)
     stdout = proc.stdout.read() if proc.stdout else ""
     reader.join(5)
@@ -137,6 +140,7 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
         "returncode": proc.returncode,
         "wall_seconds": round(time.perf_counter() - start, 2),
         **{f"peak_tree_{name}_bytes": value for name, value in peak.items()},
+        "max_process_anon_bytes": largest_anon,
         "max_process_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "stdout": stdout,
         "log": log,

@@ -91,3 +91,16 @@ def test_epoch_plan_of_a_million_pairs_takes_seconds() -> None:
     assert sum(map(len, batches)) == 1_000_000
     print(f"epoch plan of 1M pairs: {seconds:.2f} s")
     assert seconds < 10, f"epoch plan of 1M pairs took {seconds:.1f} s"
+
+
+@pytest.mark.parametrize("top", [5, 300, 70_000])  # 70,000 does not fit the packed key: lexsort path
+def test_length_order_equals_lexsort(top: int) -> None:
+    from nmt_moe.data.batching import _length_order
+
+    rng = np.random.default_rng(top)
+    src, tgt = rng.integers(1, top, size=20_000), rng.integers(1, top, size=20_000)
+    tiebreak = rng.permutation(20_000)
+    assert (_length_order(src, tgt, tiebreak) == np.lexsort((tiebreak, tgt, src))).all()
+    got = bucket_batches(src, tgt, 10, np.random.default_rng(1), allow_oversize=True)
+    want = reference_bucket_batches(src, tgt, 10, np.random.default_rng(1), allow_oversize=True)
+    assert [b.tolist() for b in got] == [b.tolist() for b in want]

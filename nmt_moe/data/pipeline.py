@@ -65,7 +65,7 @@ class PipelineConfig:
     character_coverage: float = 1.0
     byte_fallback: bool = False
     joint_vocab: bool = True
-    spm_input_sentence_size: int = 1_000_000  # SentencePiece holds ~3 KB per sentence (DATA.md)
+    spm_input_sentence_size: int = 1_000_000  # SentencePiece memory grows with it (docs/DATA.md)
     spm_seed: int = 0  # seeds the sentence sample and SentencePiece's own generator
     spm_num_threads: int | None = None  # None: the machine's cores; the model depends on it (see DATA.md)
     target_lang_token: bool = False
