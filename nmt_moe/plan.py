@@ -28,7 +28,7 @@ from torch import nn
 
 from nmt_moe.models import Seq2Seq, parameter_counts
 from nmt_moe.models.attention import Attention
-from nmt_moe.moe import FeedForward, MoELayer
+from nmt_moe.moe import FeedForward, MoELayer, moe_layers
 
 GIB = 1024**3
 # Lightning precision -> (bytes per weight/gradient/optimizer value, bytes per activation). Mixed precision
@@ -296,7 +296,7 @@ def plan(
     if tokens_per_batch is not None:
         recipe.tokens_per_batch = tokens_per_batch
     model = build_on_meta(recipe.model_args)
-    experts = [m for m in model.modules() if isinstance(m, MoELayer)]
+    experts = [layer for _, layer in moe_layers(model)]
     for layer in experts:
         if layer.num_experts % expert_parallel_size:
             raise PlanError(

@@ -51,13 +51,13 @@ def measure(args: argparse.Namespace, rank: int, world: int) -> dict[str, float]
     import torch
     import torch.distributed as dist
 
-    from nmt_moe.moe import MoELayer, parallel
+    from nmt_moe.moe import MoELayer, collectives, parallel
 
     torch.manual_seed(0)
     layer = MoELayer(args.d_model, args.d_hidden, args.experts, k=args.k)
     layer.gate.w_gate.data.normal_(std=args.d_model**-0.5)  # spread routing from the first step
     if world > 1:
-        parallel.shard_experts(layer, parallel.init_expert_parallel(world))
+        parallel.shard_experts(layer, collectives.init_expert_parallel(world))
     timer = {"seconds": 0.0, "bytes": 0}
     if world > 1:  # time every all_to_all_single the exchange makes, forward and backward
         original = dist.all_to_all_single

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from moe_builders import random_router_layer
 from torch.overrides import TorchFunctionMode
 
 from nmt_moe.moe import MoELayer, gates
@@ -31,18 +32,11 @@ CONFIGS = {
 
 def make_pair(config: dict, d_model: int = D_MODEL, d_hidden: int = D_HIDDEN) -> tuple[MoELayer, MoELayer]:
     """The same layer twice, with the loop and the grouped backend; random routers so tokens differ."""
-    layers = []
-    for backend in ("loop", "grouped"):
-        torch.manual_seed(0)
-        layer = MoELayer(d_model, d_hidden, NUM_EXPERTS, expert_backend=backend, **config)
-        with torch.no_grad():
-            for name, param in layer.gate.named_parameters():
-                if name.endswith(("w_gate", "w_noise")):
-                    param.normal_(std=0.5)
-            if layer.loss_free_bias:
-                layer.expert_bias.normal_(std=0.3)
-        layers.append(layer)
-    return layers[0], layers[1]
+    loop, grouped = (
+        random_router_layer(d_model, d_hidden, NUM_EXPERTS, {**config, "expert_backend": backend})
+        for backend in ("loop", "grouped")
+    )
+    return loop, grouped
 
 
 def run(

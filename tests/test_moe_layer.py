@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+from moe_builders import random_router_layer
 
 from nmt_moe.moe import FeedForward, MoELayer
 
@@ -25,16 +26,7 @@ GATE_CONFIGS = {
 
 
 def make_layer(config: dict, seed: int = 0) -> MoELayer:
-    """A layer whose routers are random (not the paper's zero init) so routing differs between tokens."""
-    torch.manual_seed(seed)
-    layer = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, **config)
-    with torch.no_grad():
-        for name, param in layer.gate.named_parameters():
-            if name.endswith(("w_gate", "w_noise")):
-                param.normal_(std=0.5)
-        if layer.loss_free_bias:
-            layer.expert_bias.normal_(std=0.3)
-    return layer
+    return random_router_layer(D_MODEL, D_HIDDEN, NUM_EXPERTS, config, seed)
 
 
 def reference(layer: MoELayer, tokens: torch.Tensor, expert_index: torch.Tensor, gate_weight: torch.Tensor):

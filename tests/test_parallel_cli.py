@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 from nmt_moe.checkpoint import load_model, read_model_files
 from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import parallel
+from nmt_moe.moe import collectives, parallel
 
 pytestmark = pytest.mark.distributed
 
@@ -119,7 +119,7 @@ def _resharded_worker(rank: int, world: int, port: int, checkpoint: Path, out_di
     try:
         config, state, _ = read_model_files(checkpoint)
         model = Seq2Seq(**config).eval()
-        parallel.shard_experts(model, parallel.init_expert_parallel(world))
+        parallel.shard_experts(model, collectives.init_expert_parallel(world))
         parallel.shard_expert_state(state, model)
         model.load_state_dict(state)  # strict: shapes must be the shard's
         src, lengths, tgt = batch()

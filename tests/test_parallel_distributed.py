@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nmt_moe.moe import MoELayer, parallel
+from nmt_moe.moe import MoELayer, collectives, parallel
 
 pytestmark = pytest.mark.distributed
 
@@ -130,7 +130,7 @@ def _layer_worker(
     rank: int, world: int, out_dir: Path, case: str, skewed: bool, empty_rank: int | None, tied: bool
 ) -> None:
     layer = make_layer(case, skewed)
-    ep = parallel.init_expert_parallel(world)
+    ep = collectives.init_expert_parallel(world)
     parallel.shard_experts(layer, ep)
     x = make_inputs(world, skewed, tied)[rank * TOKENS : (rank + 1) * TOKENS]
     mask = torch.ones(TOKENS, dtype=torch.bool)
@@ -208,11 +208,11 @@ def test_sharded_layer_matches_one_process(
 
 
 def _clip_worker(rank: int, world: int, out_dir: Path) -> None:
-    ep = parallel.init_expert_parallel(world)
+    ep = collectives.init_expert_parallel(world)
     replicated, full_expert = clip_grads()
     shard = torch.nn.Parameter(full_expert.detach()[ep.shard(EXPERTS)].clone())
     shard.grad = full_expert.grad[ep.shard(EXPERTS)].clone()
-    norm = parallel.clip_grad_norm_([replicated, shard], [shard], 1.0, ep)
+    norm = collectives.clip_grad_norm_([replicated, shard], [shard], 1.0, ep)
     torch.save({"norm": norm, "replicated": replicated.grad, "shard": shard.grad}, out_dir / f"clip{rank}.pt")
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import MoELayer, parallel
-from nmt_moe.moe.parallel import ExpertParallel
+from nmt_moe.moe import MoELayer, collectives, parallel
+from nmt_moe.moe.collectives import ExpertParallel
 
 
 def layout(rank: int, size: int = 2) -> ExpertParallel:
@@ -108,7 +108,7 @@ def test_sharding_a_batchwise_layer_makes_its_top_m_global() -> None:
 
 def test_expert_parallel_needs_torch_distributed() -> None:
     with pytest.raises(RuntimeError, match="expert_parallel_size=2 needs torch.distributed"):
-        parallel.init_expert_parallel(2)
+        collectives.init_expert_parallel(2)
 
 
 def test_translation_module_rejects_a_bad_expert_parallel_size() -> None:

@@ -2,6 +2,6 @@
 
 from nmt_moe.moe.experts import Experts, FeedForward
 from nmt_moe.moe.gates import GATES, Routing
-from nmt_moe.moe.layer import MoELayer, MoEOutput
+from nmt_moe.moe.layer import MoELayer, MoEOutput, moe_layers
 
-__all__ = ["GATES", "Experts", "FeedForward", "MoELayer", "MoEOutput", "Routing"]
+__all__ = ["GATES", "Experts", "FeedForward", "MoELayer", "MoEOutput", "Routing", "moe_layers"]

@@ -6,7 +6,7 @@ The steps, in order, as the layer calls them:
     plan, dropped = apply_capacity(plan, capacity)                    # optional: GShard capacity
     x_sorted = x.index_select(0, plan.token)                          # [A, d] gather
     # <- expert parallelism exchanges x_sorted / plan.counts between ranks here (all-to-all) and back:
-    #    parallel.run_sharded_experts replaces the next line when the layer's experts are sharded
+    #    collectives.run_sharded_experts replaces the next line when the layer's experts are sharded
     out_sorted = experts(x_sorted, plan.counts)                       # [A, d] one GEMM pair per expert
     y = combine(out_sorted, plan, num_tokens)                         # [N, d] weighted scatter-add, fp32
 

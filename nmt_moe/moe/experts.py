@@ -19,6 +19,7 @@ Rows past the last slice (assignments that reach no expert, see dispatch.py) com
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -244,6 +245,19 @@ class Experts(nn.Module):
         self.b_out = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self._cast_cache: tuple[tuple, list[Tensor | None]] | None = None  # see _weights_as
         self.reset_parameters()
+
+    def keep_shard(self, experts: slice) -> None:
+        """Keep only `experts` of the stacked weights, in place: the Parameter objects stay, so an optimizer
+        built before or after sees the same ones."""
+        for param in self.parameters():
+            param.data = param.data[experts].clone()
+        self.num_experts = experts.stop - experts.start
+
+    def restore_full(self, gather: Callable[[Tensor], Tensor]) -> None:
+        """Replace each shard [E_local, ...] by `gather(shard)`, the full [E, ...] tensor."""
+        for param in self.parameters():
+            param.data = gather(param.data)
+        self.num_experts = self.w_in.shape[0]
 
     def reset_parameters(self) -> None:
         """nn.Linear's default initialisation, per expert."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from nmt_moe.moe.collectives import global_top_m
 from nmt_moe.moe.dispatch import expert_counts
 from nmt_moe.moe.losses import (
     batchwise_threshold_sum,
@@ -220,9 +221,9 @@ class BatchwiseGate(nn.Module):
     "threshold" (the paper's batchwise loss that trains T). Rows of `expert_index` are padded with -1 to
     the largest count.
 
-    Under expert parallelism (`global_batch`, set by `parallel.shard_experts`) the batch is the global one:
+    Under expert parallelism (`global_batch`, set by `MoELayer.shard`) the batch is the global one:
     N counts every rank's tokens and each expert takes the top m over all of them (exactly, through a
-    gather of every rank's local top-m scores, see `parallel.global_top_m`).
+    gather of every rank's local top-m scores, see `collectives.global_top_m`).
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int) -> None:
@@ -231,6 +232,10 @@ class BatchwiseGate(nn.Module):
         self.w_gate = _router_weight(d_model, num_experts, zero=False)
         self.threshold = nn.Parameter(torch.full((num_experts,), 1.0 / num_experts))
         self.global_batch = False  # True while the layer's experts are sharded over ranks
+
+    def use_global_batch(self, on: bool) -> None:
+        """Take each expert's top m over every rank's tokens (the layer turns this on while sharded)."""
+        self.global_batch = on
 
     def batch_mask(self, probs: Tensor, valid: Tensor | None) -> Tensor:
         """[N, E] bool: each expert's top m = k·N/E real tokens in the batch (global batch if
@@ -243,8 +248,6 @@ class BatchwiseGate(nn.Module):
         scores = probs if valid is None else probs.masked_fill(~valid.unsqueeze(1), float("-inf"))
         tokens = _token_count(probs, valid)
         if self.global_batch:
-            from nmt_moe.moe.parallel import global_top_m  # here: parallel imports this module
-
             kth, needed, ties_before = global_top_m(scores, self.k, tokens)
         else:
             kth, needed = top_m_threshold(scores, self.k, tokens)

@@ -7,12 +7,14 @@ parallelism): padding is routed to no expert rather than picked out, and the dis
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from nmt_moe.moe.collectives import ExpertParallel, all_gather_cat, run_sharded_experts, sum_over_ranks
 from nmt_moe.moe.dispatch import apply_capacity, combine, expert_capacity, expert_counts, sort_assignments
 from nmt_moe.moe.experts import ACTIVATIONS, EXPERT_BACKENDS, ExpertBackend, Experts, FeedForward
 from nmt_moe.moe.gates import (
@@ -24,7 +26,6 @@ from nmt_moe.moe.gates import (
     SigmoidGate,
     SoftmaxTopKGate,
 )
-from nmt_moe.moe.parallel import ExpertParallel, global_routing, run_sharded_experts
 
 GateName = Literal["noisy_topk", "batchwise", "softmax_topk", "switch", "sigmoid", "hierarchical"]
 
@@ -141,7 +142,7 @@ class MoELayer(nn.Module):
         if loss_free_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts))  # saved: inference routes with it
             self.register_buffer("load_since_update", torch.zeros(num_experts), persistent=False)
-        self.expert_parallel: ExpertParallel | None = None  # set by parallel.shard_experts
+        self.expert_parallel: ExpertParallel | None = None  # set by `shard`
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
         """x [..., d_model]; mask [...] bool, True = real token (padding is neither routed nor counted)."""
@@ -161,7 +162,7 @@ class MoELayer(nn.Module):
             routing = self.gate(flat.float(), bias, valid=valid)
         load = expert_counts(routing.expert_index, self.num_experts)  # [E]
         if self.expert_parallel is not None:  # statistics and balancing losses of the global batch
-            routing, load = global_routing(routing, load, self.gate.losses)
+            routing, load = _global_routing(routing, load, self.gate.losses)
         if self.loss_free_bias and self.training:
             self.load_since_update += load
         routed, dropped = self._run_experts(flat, routing, valid)  # [M, d] fp32, zeros at padding
@@ -224,6 +225,33 @@ class MoELayer(nn.Module):
             out_sorted = out_sorted * torch.rsqrt(out_sorted.pow(2).mean(-1, keepdim=True) + 1e-6)
         return combine(out_sorted, plan, num_tokens), dropped
 
+    def shard(self, ep: ExpertParallel, name: str = "MoELayer") -> None:
+        """Keep only this rank's share of the experts and exchange rows with the other ranks of `ep` from
+        now on (see parallel.py for the layout). All ranks must hold the same full weights before."""
+        if self.expert_parallel is not None:
+            return  # already sharded
+        if self.capacity_factor is not None:
+            raise ValueError(f"{name}: expert parallelism needs dropless routing (capacity_factor=None)")
+        if self.num_experts % ep.size:
+            raise ValueError(
+                f"{name}: num_experts={self.num_experts} is not divisible by expert_parallel_size={ep.size}"
+            )
+        self.experts.keep_shard(ep.shard(self.num_experts))
+        self.expert_parallel = ep
+        if isinstance(self.gate, BatchwiseGate):  # its top-m per expert is taken over all ranks' tokens
+            self.gate.use_global_batch(True)
+
+    def unshard(self) -> None:
+        """Gather the full expert bank from the ranks of the expert-parallel group and run locally again
+        (collective); `shard` afterwards restores the identical shard."""
+        ep = self.expert_parallel
+        if ep is None:
+            return
+        self.experts.restore_full(lambda shard: all_gather_cat(shard, ep.group, ep.size))
+        self.expert_parallel = None
+        if isinstance(self.gate, BatchwiseGate):
+            self.gate.use_global_batch(False)
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """Loss-free balancing: raise the bias of underloaded experts and lower it for overloaded ones by
@@ -235,6 +263,33 @@ class MoELayer(nn.Module):
         seen = (load.sum() > 0).to(load.dtype)
         self.expert_bias += seen * self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
+
+
+def moe_layers(module: nn.Module) -> Iterator[tuple[str, MoELayer]]:
+    """(qualified name, layer) for every MoELayer in `module`, itself included (name "")."""
+    for name, child in module.named_modules():
+        if isinstance(child, MoELayer):
+            yield name, child
+
+
+def _global_routing(
+    routing: Routing, load: Tensor, losses_of: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+) -> tuple[Routing, Tensor]:
+    """The routing's statistics, balancing losses and hard load counts over the global batch (all ranks).
+
+    Every sum in `routing.stats` and the [E] counts `load` travel in one all-reduce with autograd, so every
+    rank holds the global sums and the losses `losses_of(stats)` (the gate's `losses`) computed from them;
+    their gradients reach each rank's gate through its own tokens. The counts travel as fp32, exact up to
+    2^24 assignments per expert per call. Collective: every rank calls it once per MoE call.
+    """
+    names = list(routing.stats)
+    parts = [routing.stats[name].reshape(-1).float() for name in names] + [load.float()]
+    summed = sum_over_ranks(torch.cat(parts)).split([part.numel() for part in parts])
+    stats = {
+        name: value.view(routing.stats[name].shape) for name, value in zip(names, summed[:-1], strict=True)
+    }
+    global_load = summed[-1].detach().round().to(load.dtype)  # [E]
+    return Routing(routing.expert_index, routing.gate_weight, stats, losses_of(stats)), global_load
 
 
 def _build_gate(

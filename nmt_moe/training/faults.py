@@ -31,7 +31,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_weights_only
-from nmt_moe.moe import MoELayer
+from nmt_moe.moe import moe_layers
 
 EXIT_NONFINITE = 3  # stopped by NonFiniteGuard
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -246,8 +246,8 @@ class NonFiniteGuard(pl.Callback):
         self._loss_finite = True
         if self._skip_this_step:
             optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
-            for layer in pl_module.modules():
-                if isinstance(layer, MoELayer) and layer.loss_free_bias:
+            for _, layer in moe_layers(pl_module):
+                if layer.loss_free_bias:
                     layer.load_since_update.zero_()  # update_bias() after the step becomes a no-op
 
     def on_train_batch_end(

@@ -20,7 +20,7 @@ from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.evaluation import score
 from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import MoELayer, parallel
+from nmt_moe.moe import collectives, moe_layers, parallel
 from nmt_moe.training.schedules import Schedule, lr_multiplier
 
 CHECKPOINT_VERSION = 1
@@ -77,7 +77,7 @@ class TranslationModule(pl.LightningModule):
             raise ValueError(f"val_max_sentences must be >= 0, got {val_max_sentences}")
         if expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
-        for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        for _, layer in moe_layers(model):
             if layer.num_experts % expert_parallel_size:  # fail now, not after data preparation
                 raise ValueError(f"expert_parallel_size={expert_parallel_size} must divide num_experts="
                                  f"{layer.num_experts}")  # fmt: skip
@@ -91,12 +91,12 @@ class TranslationModule(pl.LightningModule):
         self.hparams["model"] = {"class_path": f"{type(model).__module__}.{type(model).__name__}",
                                  "init_args": model.config}  # fmt: skip
         self.model = model
-        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        self.moe_layers = [layer for _, layer in moe_layers(self.model)]
         self.eval_metrics = torch.nn.ModuleDict(
             {name: MeanMetric() for name in ("loss", "nll", "acc")}
         )  # token-weighted means over an evaluation epoch, synced across ranks
         self._decoded: list[tuple[int, str]] = []  # (index in split, hypothesis)
-        self._expert_parallel: parallel.ExpertParallel | None = None  # set in configure_model
+        self._expert_parallel: collectives.ExpertParallel | None = None  # set in configure_model
         self.val_samples: list[dict[str, str]] = []
 
     # ---- training -------------------------------------------------------------------------------------
@@ -146,14 +146,14 @@ class TranslationModule(pl.LightningModule):
         average nor broadcast the shards."""
         if self.hparams.expert_parallel_size == 1 or self._expert_parallel is not None:
             return
-        self._expert_parallel = parallel.init_expert_parallel(self.hparams.expert_parallel_size)
+        self._expert_parallel = collectives.init_expert_parallel(self.hparams.expert_parallel_size)
         parallel.shard_experts(self.model, self._expert_parallel)
         names = parallel.expert_parameter_names(self.model)
         self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name in names]
 
     def on_after_backward(self) -> None:
         if self._expert_parallel is not None:  # shard grads: sum over replicas, mean over ranks like DDP
-            parallel.finish_expert_grads(parallel.sharded_parameters(self.model), self._expert_parallel)
+            collectives.finish_expert_grads(parallel.sharded_parameters(self.model), self._expert_parallel)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -165,7 +165,7 @@ class TranslationModule(pl.LightningModule):
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         sharded = parallel.sharded_parameters(self.model)
-        parallel.clip_grad_norm_(params, sharded, gradient_clip_val, self._expert_parallel)
+        collectives.clip_grad_norm_(params, sharded, gradient_clip_val, self._expert_parallel)
 
     def on_train_start(self) -> None:
         if self._expert_parallel is not None:  # a resumed checkpoint holds full per-expert optimizer state
