@@ -52,7 +52,6 @@ class Seq2SeqConfig:
     hidden_size: int = 256
     encoder_layers: int = 2
     decoder_layers: int = 2
-    encoder_bidirectional: Literal["bottom", "all"] = "bottom"
     attention: Literal["general", "dot", "additive"] = "general"
     input_feeding: bool = True
     dropout: float = 0.2
@@ -66,6 +65,7 @@ class Seq2SeqConfig:
     gate: str = "noisy_topk"
     d_hidden: int = 512
     moe_options: dict[str, Any] = field(default_factory=dict)
+    encoder_bidirectional: Literal["bottom", "all"] = "bottom"
 
     def __post_init__(self) -> None:
         """Rejects a bad configuration before anything is built, naming the argument at fault."""
