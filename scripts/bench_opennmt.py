@@ -101,7 +101,16 @@ def main() -> None:
     parser.add_argument("--output-length", type=int, default=14, help="tokens per translation, forced regime")
     parser.add_argument("--limit", type=int, default=None, help="test sentences (default all 1,000)")
     parser.add_argument("--work", type=Path, default=None, help="keep files here (default a temp dir)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="translate only, with the models an earlier run left in --work (trained --steps steps); the "
+        "JSON then has no training ratio",
+    )
     args = parser.parse_args()
+    if args.reuse and args.work is None:
+        print("bench_opennmt: --reuse needs --work (the directory of an earlier run)", file=sys.stderr)
+        sys.exit(2)
     if not (args.data / "train.en").exists():
         print(f"bench_opennmt: no Multi30k at {args.data}", file=sys.stderr)
         sys.exit(2)
@@ -122,10 +131,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     lines = (args.data / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()[: args.limit]
     refs = (args.data / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[: args.limit]
     loads = {"start": os.getloadavg()}
-    onmt = train_opennmt(args, work / "onmt")
-    loads["after_onmt_train"] = os.getloadavg()
-    ours = train_ours(args, work / "ours")
-    loads["after_ours_train"] = os.getloadavg()
+    if args.reuse:
+        onmt, ours = reused_models(args, work)
+    else:
+        onmt = train_opennmt(args, work / "onmt")
+        loads["after_onmt_train"] = os.getloadavg()
+        ours = train_ours(args, work / "ours")
+        loads["after_ours_train"] = os.getloadavg()
     ours["translate"] = translate_ours(args, ours.pop("export"), lines, refs)
     loads["after_ours_translate"] = os.getloadavg()
     onmt["translate"] = translate_opennmt(args, onmt.pop("checkpoint"), work / "onmt", refs)
@@ -146,10 +158,30 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def ratios(ours: dict[str, Any], onmt: dict[str, Any], regime: str) -> dict[str, float]:
+def reused_models(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoints of an earlier run in `work` (--reuse): parameters, no training figures."""
+    from nmt_moe.checkpoint import load_model
+    from nmt_moe.models import parameter_counts
+
+    checkpoint, export = work / "onmt" / f"model_step_{args.steps}.pt", work / "ours" / "export"
+    if not checkpoint.exists() or not export.exists():
+        print(f"bench_opennmt: --reuse found no {checkpoint} or {export}", file=sys.stderr)
+        sys.exit(2)
+    encode_test_set(args, work / "onmt")  # this run's --limit
+    log = (work / "onmt" / "train.log").read_text()
+    params = ONMT_PARAMS.search(log)
+    onmt = {"parameters": int(params.group(1)) if params else None, "checkpoint": checkpoint}
+    ours = {"parameters": parameter_counts(load_model(export)[0])["total"], "export": export}
+    return onmt, ours
+
+
+def ratios(ours: dict[str, Any], onmt: dict[str, Any], regime: str) -> dict[str, float | None]:
     """Ours over OpenNMT-py: training tokens/s, and sentences/s per mode (float32 and int8 against its
     float32)."""
-    out = {"train": round(ours["train_tokens_per_s"] / onmt["train_tokens_per_s"], 3)}
+    trained = "train_tokens_per_s" in ours and "train_tokens_per_s" in onmt
+    out: dict[str, float | None] = {
+        "train": round(ours["train_tokens_per_s"] / onmt["train_tokens_per_s"], 3) if trained else None
+    }
     for mode, _ in MODES:
         theirs = onmt["translate"][f"{mode}_{regime}"]["sentences_per_s"]
         out[mode] = round(ours["translate"][f"{mode}_{regime}"]["sentences_per_s"] / theirs, 3)
@@ -170,14 +202,24 @@ def encode_corpus(args: argparse.Namespace, work: Path) -> None:
         input=str(corpus), model_prefix=str(work / "spm"), vocab_size=8000, model_type="bpe",
         character_coverage=1.0, minloglevel=2,
     )  # fmt: skip
+    for split in ("train", "val"):
+        encode_split(args, work, split)
+    encode_test_set(args, work)
+
+
+def encode_split(args: argparse.Namespace, work: Path, split: str, limit: int | None = None) -> None:
+    """work/{split}.sp.{en,de}: the split as space-separated pieces of work/spm.model."""
+    import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=str(work / "spm.model"))
-    for split in ("train", "val", "test_2016_flickr"):
-        for lang in LANGS:
-            text = (args.data / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
-            if split == "test_2016_flickr":
-                text = text[: args.limit]
-            pieces = [" ".join(p) for p in sp.encode(text, out_type=str)]
-            (work / f"{split}.sp.{lang}").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    for lang in LANGS:
+        text = (args.data / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()[:limit]
+        pieces = [" ".join(p) for p in sp.encode(text, out_type=str)]
+        (work / f"{split}.sp.{lang}").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+
+
+def encode_test_set(args: argparse.Namespace, work: Path) -> None:
+    encode_split(args, work, "test_2016_flickr", args.limit)
 
 
 def opennmt_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
