@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["auto", "grouped", "loop"], default="auto")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128, 512, 2048])
     parser.add_argument("--d-hidden", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--max-weight-gib", type=float, default=40.0, help="skip layers with larger experts")
+    parser.add_argument("--max-weight-gib", type=float, default=100.0, help="skip layers with larger experts")
     parser.add_argument("--hier-experts", type=int, default=512, help="experts of the one-GPU hierarchical")
     parser.add_argument("--train-tokens", type=int, default=8192, help="target tokens per training batch")
     parser.add_argument("--skip-train", action="store_true")
@@ -82,7 +82,8 @@ def layer_cases(args: argparse.Namespace, device: torch.device):
         for num_experts in args.experts:
             for regime, tokens in (("tokens", 256 if args.tiny else 16_384), ("per_expert", None)):
                 tokens = tokens or 256 * num_experts // K // (8 if args.tiny else 1)
-                gib = 2 * num_experts * d_model * d_hidden * 2 * 3 / 2**30  # bf16 weights, grads, cast copy
+                params = 2 * num_experts * d_model * d_hidden  # the experts' two weight banks
+                gib = params * (4 + 4 + 2) / 2**30  # fp32 weights and gradients, autocast's bf16 copy
                 case = {"d_hidden": d_hidden, "experts": num_experts, "regime": regime, "tokens": tokens}
                 if gib > args.max_weight_gib:
                     yield {**case, "skipped": f"experts need ~{gib:.0f} GiB > --max-weight-gib"}
