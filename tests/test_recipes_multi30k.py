@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -138,3 +139,10 @@ def test_smoke_runs_the_recipe_end_to_end(
         assert f"en->{tgt}" in scores
     assert scores.count("BLEU") == len(targets) and scores.count("chrF") == len(targets)
     assert f"exported model: {out}/export" in result.stdout
+    # Progress without a terminal: log lines, no bar; the runs are tracked in W&B (offline here).
+    assert re.search(
+        r"^validation: step \d+/\d+ \| loss [\d.]+ \| tok/s [\d,]+ \| val BLEU", result.stderr, re.M
+    )
+    assert "\r" not in result.stderr.split("== train", 1)[-1]
+    assert "  wandb sync " in result.stdout
+    assert list((out / "train" / "export" / "wandb").glob("offline-run-*"))  # the exported model's run

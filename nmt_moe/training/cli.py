@@ -4,10 +4,13 @@ Subcommands `fit`, `validate`, `test` (and `--print_config`) come from Lightning
 - `data.vocab_size` is linked to the Seq2Seq's `vocab_size` (`model.model.init_args.vocab_size`);
 - always on: checkpoints best by `val/bleu` (`--checkpoint.*`) and `last.ckpt` after every validation
   (`--last_checkpoint.*`), both under `<default_root_dir>/checkpoints` so `--ckpt_path last` finds them;
-  early stopping (`--early_stopping.*`), expert-load logging (`--expert_load.*`), tokens/s in the progress
-  bar (`--throughput.*`) and W&B sample tables;
+  early stopping (`--early_stopping.*`), expert-load logging (`--expert_load.*`), tokens/s
+  (`--throughput.*`), W&B sample tables, and progress (`--progress.*`: a bar with step / total, loss,
+  tokens/s, validation BLEU and time left in a terminal, the same fields as log lines elsewhere;
+  `--trainer.enable_progress_bar false` gives the lines);
 - the logger is W&B, offline unless an API key is configured; `--wandb off` switches to a CSV logger, and any
-  `--trainer.logger` replaces it (`--trainer.logger false` logs nothing);
+  `--trainer.logger` replaces it (`--trainer.logger false` logs nothing); the run's directory (offline) or
+  URL is printed at the end, with the `wandb sync` command that uploads an offline run;
 - the full parsed config is written beside the logs and sent to the loggers' hyper-parameters;
 - fault handling (`nmt_moe/training/faults.py`): checkpoints written atomically and loaded weights_only,
   SIGINT/SIGTERM save `last.ckpt` and stop (`--interrupt.*`, exit code 128 + signal), non-finite steps are
@@ -17,27 +20,16 @@ Subcommands `fit`, `validate`, `test` (and `--print_config`) come from Lightning
 
 from __future__ import annotations
 
-import netrc
 import os
 import signal
 import sys
 from pathlib import Path
 
-WANDB_MODES = ("auto", "online", "offline", "off")
+from nmt_moe.training.tracking import WANDB_MODES, wandb_api_key_configured
 
 
 class ConfigError(Exception):
     """A setting that cannot work; reported in one line before training starts."""
-
-
-def wandb_api_key_configured() -> bool:
-    """True when W&B could log online: `WANDB_API_KEY` is set or ~/.netrc has an api.wandb.ai entry."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
 
 
 def default_precision() -> str:
@@ -71,6 +63,11 @@ def train_main(argv: list[str]) -> int:
         exit_code,
     )
     from nmt_moe.training.module import TranslationModule
+    from nmt_moe.training.progress import TrainingProgress, quiet_library_noise
+    from nmt_moe.training.tracking import announce_runs
+
+    quiet_library_noise()
+    os.environ.setdefault("WANDB_SILENT", "true")  # its banner and warnings; announce_runs says what matters
 
     class SaveConfigToLoggers(SaveConfigCallback):
         """Writes config.yaml (overwriting on a rerun into the same directory) and logs it to every logger."""
@@ -125,6 +122,7 @@ def train_main(argv: list[str]) -> int:
             )
             parser.add_lightning_class_args(ExpertLoadMonitor, "expert_load")
             parser.add_lightning_class_args(TokensPerSecond, "throughput")
+            parser.add_lightning_class_args(TrainingProgress, "progress")
             parser.add_lightning_class_args(SampleTranslations, "samples")
             parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
             parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
@@ -157,6 +155,9 @@ def train_main(argv: list[str]) -> int:
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.trainer.enable_progress_bar is False:  # no bar: our progress callback logs lines
+                config.trainer.enable_progress_bar = True
+                config.progress.mode = "lines"
             logger = config.trainer.logger
             if not (isinstance(logger, Namespace) and logger.get("class_path", "").endswith("WandbLogger")):
                 return  # the user chose another logger (or none)
@@ -205,5 +206,6 @@ def train_main(argv: list[str]) -> int:
         return 128 + signal.SIGTERM
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger):
+            announce_runs(logger.experiment)
             logger.experiment.finish()  # flush the run now, so train_main can run again in one process
     return exit_code(cli.trainer)

@@ -18,7 +18,8 @@
 #   Other recipes reuse this script through RECIPE, CONFIG and TGT (several target languages:
 #   TGT="de fr cs" translates and scores each pair, asking for it with --target-lang).
 #   Environment: FRESH=1 discards an earlier run's checkpoints (default: resume from last.ckpt);
-#   WANDB=auto|online|offline|off (default off); OMP_NUM_THREADS (default 2);
+#   WANDB=auto|online|offline|off (default auto: offline, online once an API key is configured;
+#   off logs CSV only); OMP_NUM_THREADS (default 2);
 #   OMP_WAIT_POLICY (default PASSIVE: steady on a shared machine; unset it on a quiet one).
 set -euo pipefail
 
@@ -49,6 +50,7 @@ done
 DATA="${positional[0]:-$REPO_DIR/../shared/data/multi30k}"
 OUT="${positional[1]:-runs/$RECIPE}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+WANDB="${WANDB:-auto}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 for split in train val test_2016_flickr; do
@@ -103,10 +105,10 @@ for ((i = 0; i < ${#data_settings[@]}; i += 2)); do
   train_data_flags+=("--data.${data_settings[i]}" "${data_settings[i + 1]}")
 done
 
-echo "== prepare"
+echo "== prepare ($((SECONDS - start)) s)"
 nmt-moe prepare --config "$CONFIG" "${prepare_flags[@]}"
 
-echo "== train"
+echo "== train ($((SECONDS - start)) s)"
 # An interrupted run (Ctrl-C, SIGTERM, a crash) left OUT/train/checkpoints/last.ckpt: carry on from it
 # rather than starting over. FRESH=1 starts from scratch.
 resume=()
@@ -123,12 +125,15 @@ if [[ -r /proc/cpuinfo ]] && ! grep -q -E -m1 'avx512_bf16|amx_bf16' /proc/cpuin
   precision=(--trainer.precision 32-true)
 fi
 nmt-moe train fit "${configs[@]}" "${train_data_flags[@]}" "${precision[@]}" \
-  --trainer.default_root_dir "$OUT/train" --wandb "${WANDB:-off}" "${resume[@]}" "${train_args[@]}"
+  --trainer.default_root_dir "$OUT/train" --wandb "$WANDB" "${resume[@]}" "${train_args[@]}"
 
-echo "== average the $AVERAGE_N latest checkpoints, export"
+echo "== average the $AVERAGE_N latest checkpoints, export ($((SECONDS - start)) s)"
 rm -rf "$OUT/export"
 nmt-moe average --last "$AVERAGE_N" "$OUT/train/average" -o "$OUT/averaged.ckpt"
 nmt-moe export "$OUT/averaged.ckpt" -o "$OUT/export"
+if [[ "$WANDB" != off ]]; then
+  python -m nmt_moe.training.tracking log-model --bundle "$OUT/export" --train-dir "$OUT/train" --wandb "$WANDB"
+fi
 
 : >"$OUT/scores.txt"
 for tgt in "${TGTS[@]}"; do
@@ -142,3 +147,9 @@ for tgt in "${TGTS[@]}"; do
 done
 echo "wall clock: $((SECONDS - start)) s" | tee -a "$OUT/scores.txt"
 echo "exported model: $OUT/export"
+shopt -s nullglob
+offline_runs=("$OUT"/train/wandb/offline-run-* "$OUT"/train/export/wandb/offline-run-*)
+if ((${#offline_runs[@]})); then
+  echo "W&B runs saved offline (training and export); upload them with:"
+  echo "  wandb sync ${offline_runs[*]}"
+fi
