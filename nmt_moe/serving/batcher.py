@@ -52,6 +52,8 @@ class BatcherStats:
     jobs: int = 0
     gathers: int = 0  # worker wake-ups, each serving every job gathered (fewer than jobs = batching)
     searches: int = 0  # translate_sources calls (one per settings group and gather)
+    sentences: int = 0
+    busy_s: float = 0.0  # time the worker spent serving (the rest it waited for requests)
 
 
 class DynamicBatcher:
@@ -119,8 +121,10 @@ class DynamicBatcher:
         return jobs, False
 
     def _serve(self, jobs: Sequence[Job]) -> None:
+        start = time.perf_counter()
         self.stats.jobs += len(jobs)
         self.stats.gathers += 1
+        self.stats.sentences += sum(len(job.sources) for job in jobs)
         groups: dict[Settings, list[Job]] = {}
         for job in jobs:
             groups.setdefault(job.settings, []).append(job)
@@ -132,10 +136,11 @@ class DynamicBatcher:
                 for job in group:
                     job.future.set_exception(error)
                 continue
-            start = 0
+            first = 0
             for job in group:
-                job.future.set_result(texts[start : start + len(job.sources)])
-                start += len(job.sources)
+                job.future.set_result(texts[first : first + len(job.sources)])
+                first += len(job.sources)
+        self.stats.busy_s += time.perf_counter() - start
 
     def _translate(self, sources: list[list[int]], settings: Settings) -> list[list[str]]:
         """n-best texts per source, each made one line as `translate` makes it."""
