@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("nmt_moe.data.prepare", "clean, tokenize and cache a parallel corpus"),
     "train": ("nmt_moe.training.cli", "train, validate or test a model (LightningCLI: fit/validate/test)"),
     "translate": ("nmt_moe.decoding.translate", "translate a file or stdin with greedy or beam search"),
+    "score": ("nmt_moe.scoring", "log-probability of given translations (forced decoding), per line pair"),
+    "serve": ("nmt_moe.serving.app", "an HTTP translation server (FastAPI) with dynamic batching"),
     "evaluate": ("nmt_moe.evaluation", "score hypotheses against references with sacreBLEU"),
     "export": ("nmt_moe.checkpoint", "write a self-contained model bundle from a training checkpoint"),
     "average": ("nmt_moe.averaging", "average the parameters of several checkpoints"),

@@ -7,6 +7,7 @@ EOS block come from `search.py`, as for beam search.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ def greedy_decode(
     max_len_a: float = 1.5,
     max_len_b: float = 10,
     min_len: int = 0,
+    pick: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[list[list[int]], Tensor]:
     """Most probable next token at each step for a batch: src [B, S], src_lengths [B].
 
@@ -31,6 +33,8 @@ def greedy_decode(
     chosen tokens, EOS included. A sentence produces at most `max_target_lengths` tokens (EOS included) and
     no EOS before `min_len` tokens. Sentences drop out of the batch as they finish, so each is decoded
     exactly as it would be alone. Runs the model in eval mode and restores its mode after.
+    pick(log_probs [N, V], alive [N] original rows, t) -> (log-prob [N], token [N]) replaces the argmax
+    (sampling.py draws there).
     """
     with eval_mode(model):
         batch, device = src.size(0), src.device
@@ -44,7 +48,8 @@ def greedy_decode(
         out = torch.full((batch, steps + 1), EOS_ID, dtype=torch.long, device=device)  # [B, T+1] ends in EOS
         for t in range(steps):
             step = model.decode_step(prev, state, enc)
-            best_lp, best = block_eos_(step.log_probs, t, min_len).max(dim=-1)  # [N]
+            log_probs = block_eos_(step.log_probs, t, min_len)  # [N, V]
+            best_lp, best = log_probs.max(dim=-1) if pick is None else pick(log_probs, alive, t)  # [N]
             scores[alive] += best_lp
             out[alive, t] = best
             done = (best == EOS_ID) | (t + 1 >= max_len[alive])  # [N]

@@ -25,15 +25,17 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
 
-from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_model
+from nmt_moe.checkpoint import ModelLoadError, atomic_write
 from nmt_moe.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, lang_token
 from nmt_moe.decoding.beam import Hypothesis, beam_search
 from nmt_moe.decoding.greedy import greedy_decode
+from nmt_moe.decoding.sampling import SamplingOptions, sample_decode
+from nmt_moe.decoding.streaming import read_line_groups
 
 
 class InputError(Exception):
@@ -53,27 +55,29 @@ class DecodeOptions:
     min_len: int = 0
     experts: bool = False
     bf16: bool = False  # search under bfloat16 autocast: faster where the hardware has bf16, scores in fp32
+    sampling: SamplingOptions | None = None  # draw one sample per line instead of searching
 
     @property
     def is_greedy(self) -> bool:
         """One beam, no penalties, no n-best or routing: greedy search returns the same (tests prove it)."""
         plain = self.alpha == 0 and self.beta == 0 and self.nbest == 1 and not self.experts
-        return self.beam_size == 1 and plain
+        return self.beam_size == 1 and plain and self.sampling is None
 
 
 # --- input -------------------------------------------------------------------------------------------------
 
 
-def read_lines(data: bytes, source: str = "input") -> list[str]:
+def read_lines(data: bytes, source: str = "input", first_line: int = 1) -> list[str]:
     """Lines of `data` (split on b"\\n", trailing b"\\r" dropped), each decoded as strict UTF-8.
 
     A final line without a newline still counts; a file ending in a newline has no extra empty line.
+    Errors name the line, counted from `first_line`.
     """
     raw = data.split(b"\n")
     if raw[-1] == b"":
         raw.pop()
     lines = []
-    for number, line in enumerate(raw, start=1):
+    for number, line in enumerate(raw, start=first_line):
         if line.endswith(b"\r"):
             line = line[:-1]
         try:
@@ -93,15 +97,18 @@ def encode_sources(
     max_input_tokens: int,
     prefix: Sequence[int] = (),
     warn: Callable[[str], None] | None = None,
+    first_line: int = 1,
 ) -> list[list[int]]:
     """Model input ids per line (prefix + pieces + EOS), or [] for a line with nothing to translate.
 
-    Lines over `max_input_tokens` (EOS and prefix included) are truncated with a warning naming the line.
+    Lines over `max_input_tokens` (EOS and prefix included) are truncated with a warning naming the line
+    (numbered from `first_line`).
     """
     if max_input_tokens < len(prefix) + 2:
         raise ValueError(f"max_input_tokens must leave room for a token and EOS, got {max_input_tokens}")
     sources = []
-    for number, (line, ids) in enumerate(zip(lines, tokenizer.encode(list(lines)), strict=True), start=1):
+    encoded = tokenizer.encode(list(lines))
+    for number, (line, ids) in enumerate(zip(lines, encoded, strict=True), start=first_line):
         if not ids or line.isspace():  # Unicode whitespace only (U+0085, U+2028, ...): nothing to translate
             sources.append([])
             continue
@@ -143,8 +150,12 @@ def translate_sources(
     max_tokens: int = 4096,
     max_sentences: int = 256,
     progress: bool = False,
+    first_index: int = 0,
 ) -> list[list[Hypothesis]]:
-    """n-best lists per source (empty list for an empty source), in the order of `sources`."""
+    """n-best lists per source (empty list for an empty source), in the order of `sources`.
+
+    first_index: the line index of sources[0] in the whole input (sampling seeds each line by its index).
+    """
     device = next(model.parameters()).device
     results: list[list[Hypothesis]] = [[] for _ in sources]
     batches = make_batches([len(s) for s in sources], max_tokens, max_sentences)
@@ -159,7 +170,8 @@ def translate_sources(
         for row, i in enumerate(batch):
             src[row, : len(sources[i])] = torch.tensor(sources[i])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
-            hyps = search_batch(model, src.to(device), lengths.to(device), options)
+            ids = [first_index + i for i in batch]
+            hyps = search_batch(model, src.to(device), lengths.to(device), options, sentence_ids=ids)
         for i, nbest in zip(batch, hyps, strict=True):
             results[i] = nbest
         if bar is not None:
@@ -169,8 +181,22 @@ def translate_sources(
     return results
 
 
-def search_batch(model: Any, src: Tensor, lengths: Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
-    """n-best lists for one padded batch src [B, S], lengths [B]: greedy where it is equivalent, else beam."""
+def search_batch(
+    model: Any,
+    src: Tensor,
+    lengths: Tensor,
+    options: DecodeOptions,
+    sentence_ids: Sequence[int] | None = None,
+) -> list[list[Hypothesis]]:
+    """n-best lists for one padded batch src [B, S], lengths [B]: greedy where it is equivalent, else beam;
+    or one sample per sentence (seeded by sentence_ids, the sentences' line indices; default 0..B-1)."""
+    if options.sampling is not None:
+        ids = list(range(src.size(0))) if sentence_ids is None else sentence_ids
+        tokens, scores = sample_decode(
+            model, src, lengths, ids, options.sampling, max_len_a=options.max_len_a,
+            max_len_b=options.max_len_b, min_len=options.min_len,
+        )  # fmt: skip
+        return [[Hypothesis(t, s, s)] for t, s in zip(tokens, scores.tolist(), strict=True)]
     if options.is_greedy:
         tokens, scores = greedy_decode(
             model, src, lengths, max_len_a=options.max_len_a, max_len_b=options.max_len_b,
@@ -190,14 +216,19 @@ def one_line(text: str) -> str:
 
 
 def format_output(
-    results: Sequence[list[Hypothesis]], tokenizer: Tokenizer, output_format: str, experts: bool
+    results: Sequence[list[Hypothesis]],
+    tokenizer: Tokenizer,
+    output_format: str,
+    experts: bool,
+    first_line: int = 1,
 ) -> str:
-    """The whole output text: one line per input line, text (best hypothesis) or JSON Lines."""
+    """The whole output text: one line per input line, text (best hypothesis) or JSON Lines (whose
+    "line" fields count from `first_line`)."""
     best_texts = tokenizer.decode([nbest[0].tokens if nbest else [] for nbest in results])
     if output_format == "text":
         return "".join(one_line(text) + "\n" for text in best_texts)
     out = []
-    for number, (nbest, text) in enumerate(zip(results, best_texts, strict=True), start=1):
+    for number, (nbest, text) in enumerate(zip(results, best_texts, strict=True), start=first_line):
         record: dict[str, Any] = {"line": number, "translation": one_line(text)}
         best = nbest[0] if nbest else None
         record["score"] = best.score if best else None
@@ -236,13 +267,50 @@ def translate_lines(
     )
 
 
+def stream_translate(
+    model: Any,
+    tokenizer: Tokenizer,
+    fd: int,
+    out: BinaryIO,
+    options: DecodeOptions,
+    *,
+    output_format: str = "text",
+    max_tokens: int = 4096,
+    max_sentences: int = 256,
+    max_input_tokens: int = 1024,
+    target_lang: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> None:
+    """`translate --stream`: translate each group of lines as it arrives on `fd`, write and flush it.
+
+    Same output, line for line, as translating the whole input at once; a bad line stops the run after
+    the lines before it were written (they cannot be held back without holding the stream).
+    """
+    prefix = [tokenizer.token_id(lang_token(target_lang))] if target_lang else []
+    first = 1
+    for group in read_line_groups(fd):
+        lines = read_lines(b"\n".join(group) + b"\n", "stdin", first_line=first)
+        sources = encode_sources(lines, tokenizer, max_input_tokens=max_input_tokens, prefix=prefix,
+                                 warn=warn, first_line=first)  # fmt: skip
+        results = translate_sources(model, sources, options, max_tokens=max_tokens,
+                                    max_sentences=max_sentences, first_index=first - 1)  # fmt: skip
+        text = format_output(results, tokenizer, output_format, options.experts, first_line=first)
+        out.write(text.encode("utf-8"))
+        out.flush()
+        first += len(lines)
+
+
 # --- command line ------------------------------------------------------------------------------------------
 
 
-def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model and search options, shared with `nmt-moe evaluate -m`."""
+def add_decoding_arguments(parser: argparse.ArgumentParser, ensemble: bool = False) -> None:
+    """Model and search options, shared with `nmt-moe evaluate -m` (ensemble: -m may repeat)."""
     group = parser.add_argument_group("model and search")
-    group.add_argument("-m", "--model", type=Path, help="training checkpoint (.ckpt) or `nmt-moe export` dir")
+    if ensemble:
+        help_ = "checkpoint (.ckpt) or `nmt-moe export` dir; repeat to ensemble models of one vocabulary"
+        group.add_argument("-m", "--model", type=Path, action="append", help=help_)
+    else:
+        group.add_argument("-m", "--model", type=Path, help="training checkpoint (.ckpt) or export dir")
     group.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy (default 5)")
     group.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty alpha (default 0.6)")
     group.add_argument("--beta", type=float, default=0.0, help="GNMT coverage penalty beta (default 0)")
@@ -271,6 +339,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def decode_options(args: argparse.Namespace, nbest: int = 1, experts: bool = False) -> DecodeOptions:
+    sampling = None
+    if getattr(args, "sampling", False):
+        sampling = SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)
     return DecodeOptions(
         beam_size=args.beam,
         nbest=nbest,
@@ -281,6 +352,7 @@ def decode_options(args: argparse.Namespace, nbest: int = 1, experts: bool = Fal
         min_len=args.min_len,
         experts=experts,
         bf16=args.bf16,
+        sampling=sampling,
     )
 
 
@@ -303,7 +375,7 @@ def warn_stderr(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def translate_main(argv: list[str]) -> int:
+def _translate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmt-moe translate",
         description="Translate text, one output line per input line (stdin to stdout by default).",
@@ -314,15 +386,31 @@ def translate_main(argv: list[str]) -> int:
     parser.add_argument("--nbest", type=int, default=1, help="hypotheses per line (> 1 needs jsonl)")
     parser.add_argument("--experts", action="store_true", help="jsonl: experts each target token used")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_decoding_arguments(parser)
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="translate stdin as it arrives, writing and flushing each line (or group of lines that "
+        "arrived together) at once: for pipes and interactive use; stdout only",
+    )
+    add_decoding_arguments(parser, ensemble=True)
     parser.add_argument(
         "--int8",
         action="store_true",
         help="CPU only: dynamic int8 weights for LSTM, Linear and expert layers (torch.ao); scores stay "
         "float32. Faster on AVX2 CPUs, most with VNNI (speed and BLEU: docs/RESULTS.md)",
     )
-    args = parser.parse_args(argv)
-    if args.model is None:
+    group = parser.add_argument_group("sampling (e.g. for back-translation)")
+    group.add_argument("--sampling", action="store_true", help="draw one translation per line (no beam)")
+    group.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens, > 1 flattens (1)")
+    group.add_argument("--top-k", type=int, default=0, help="draw from the K most likely tokens (0: all)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set of mass P (1: all)")
+    group.add_argument("--seed", type=int, default=0, help="same seed, same samples, whatever the batching")
+    return parser
+
+
+def _check_translate_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad values and combinations before anything is loaded (argparse: one line, exit 2)."""
+    if not args.model:
         parser.error("-m/--model is required")
     check_decoding_arguments(parser, args)
     if not 1 <= args.nbest <= args.beam:
@@ -331,30 +419,51 @@ def translate_main(argv: list[str]) -> int:
         parser.error("--int8 runs on the CPU in float32 around int8 GEMMs: drop --bf16 and use --device cpu")
     if args.output_format == "text" and (args.nbest > 1 or args.experts):
         parser.error("--nbest > 1 and --experts need --output-format jsonl (text keeps one line per input)")
+    if args.stream and (args.input is not None or args.output is not None):
+        parser.error("--stream reads stdin and writes stdout: drop -i/-o")
+    if args.sampling:
+        if args.nbest > 1 or args.experts:
+            parser.error("--sampling draws one translation per line: drop --nbest and --experts")
+        try:
+            SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)
+        except ValueError as error:
+            parser.error(f"--{str(error).replace('_', '-')}")
+
+
+def _load_for_translation(args: argparse.Namespace) -> tuple[Any, Tokenizer]:
+    """The model (an ensemble for several -m), int8-quantised if asked, and its tokenizer."""
+    from nmt_moe.decoding.ensemble import load_models, members
+
+    model, tokenizer = load_models(args.model, args.device)
+    if args.int8:
+        from nmt_moe.decoding.int8 import quantize_int8  # torch.ao loads only when asked for
+
+        for member in members(model):
+            quantize_int8(member)
+    return model, tokenizer
+
+
+def translate_main(argv: list[str]) -> int:
+    parser = _translate_parser()
+    args = parser.parse_args(argv)
+    _check_translate_arguments(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
-
+    options = decode_options(args, args.nbest, args.experts)
+    batching = dict(max_tokens=args.max_tokens, max_sentences=args.max_sentences,
+                    max_input_tokens=args.max_input_tokens, target_lang=args.target_lang)  # fmt: skip
     prog = parser.prog
     try:
+        if args.stream:
+            model, tokenizer = _load_for_translation(args)
+            stream_translate(model, tokenizer, sys.stdin.fileno(), sys.stdout.buffer, options,
+                             output_format=args.output_format, warn=warn_stderr, **batching)  # fmt: skip
+            return 0
         data = args.input.read_bytes() if args.input else sys.stdin.buffer.read()
         lines = read_lines(data, str(args.input or "stdin"))
-        model, tokenizer = load_model(args.model, args.device)
-        if args.int8:
-            from nmt_moe.decoding.int8 import quantize_int8  # torch.ao loads only when asked for
-
-            quantize_int8(model)
-        results = translate_lines(
-            model,
-            tokenizer,
-            lines,
-            decode_options(args, args.nbest, args.experts),
-            max_tokens=args.max_tokens,
-            max_sentences=args.max_sentences,
-            max_input_tokens=args.max_input_tokens,
-            target_lang=args.target_lang,
-            progress=args.input is not None and not args.quiet,
-            warn=warn_stderr,
-        )
+        model, tokenizer = _load_for_translation(args)
+        results = translate_lines(model, tokenizer, lines, options, warn=warn_stderr,
+                                  progress=args.input is not None and not args.quiet, **batching)  # fmt: skip
     except (InputError, ModelLoadError, OSError, KeyError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
