@@ -1,6 +1,7 @@
 """`nmt-moe train` with devices=2 and expert_parallel_size=2 on CPU, launched by the Trainer itself (in a
 subprocess: strategy=ddp would re-launch pytest); its checkpoint resumes on the same layout, translates in
-one process, and re-shards to 2 ranks with the outputs of one process.
+one process, and re-shards to 2 ranks with the outputs of one process. Checkpoints are sharded directories
+(torch.distributed.checkpoint); `nmt-moe translate` reads them directly.
 
 Run with `python -m pytest -q -m distributed tests/test_parallel_cli.py` (deselected by default).
 """
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 from nmt_moe.checkpoint import load_model, read_model_files
 from nmt_moe.models import Seq2Seq
 from nmt_moe.moe import collectives, parallel
+from nmt_moe.sharded_checkpoint import full_checkpoint, is_sharded_checkpoint
 
 pytestmark = pytest.mark.distributed
 
@@ -94,15 +96,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_two_rank_checkpoint_holds_full_experts_and_translates_in_one_process(run: tuple[Path, Path]) -> None:
     data, root = run
     checkpoint = root / "checkpoints" / "last.ckpt"
-    state = torch.load(checkpoint, weights_only=True)
+    assert is_sharded_checkpoint(checkpoint)  # a directory: each rank wrote its own experts
+    state = full_checkpoint(checkpoint)  # consolidated in this process
     assert state["global_step"] == 12  # two epochs of 6 steps: the resume continued
     config = state["nmt_moe"]["model_config"]
     w_in = state["state_dict"]["model.encoder.moe.0.experts.w_in"]
-    assert w_in.shape[0] == config["num_experts"] == 4  # both ranks' shards, gathered
+    assert w_in.shape[0] == config["num_experts"] == 4  # both ranks' shards, consolidated
     moments = [
         s["exp_avg"] for s in state["optimizer_states"][0]["state"].values() if s["exp_avg"].dim() == 3
     ]
-    assert moments and all(m.shape[0] == 4 for m in moments)  # per-expert Adam moments, gathered too
+    assert moments and all(m.shape[0] == 4 for m in moments)  # per-expert Adam moments, consolidated too
 
     result = nmt_moe("translate", "-m", str(checkpoint), "--beam", "2", "--quiet",
                      "-i", str(data / "test.src"), cwd=root)  # fmt: skip
