@@ -185,8 +185,10 @@ def load_sharded_model(path: Path) -> tuple[Seq2Seq, bytes]:
         targets = {prefix + key: value for key, value in model.state_dict().items()}  # views of the weights
         saved = {key: tuple(item.size) for key, item in tensor_index(path).items() if key.startswith(prefix)}
         if saved != {key: tuple(value.shape) for key, value in targets.items()}:
-            raise ModelLoadError(f"{path}: weights do not match the model config; the checkpoint is incomplete "
-                                 "or from another model")  # fmt: skip
+            raise ModelLoadError(
+                f"{path}: weights do not match the model config; "
+                "the checkpoint is incomplete or from another model"
+            )
         load_into(path, targets, distributed=False)
     except (ShardedCheckpointError, pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
         raise ModelLoadError(f"{path}: unreadable sharded checkpoint ({type(error).__name__}: "

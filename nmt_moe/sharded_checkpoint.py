@@ -78,7 +78,9 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise ShardedCheckpointError(f"{DCP_METADATA} refers to {module}.{name}, which a checkpoint never needs")
+        raise ShardedCheckpointError(
+            f"{DCP_METADATA} refers to {module}.{name}, which a checkpoint never needs"
+        )
 
 
 class SafeReader(FileSystemReader):
@@ -89,12 +91,16 @@ class SafeReader(FileSystemReader):
         try:
             metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as error:
-            raise ShardedCheckpointError(f"{path}: unreadable DCP metadata ({type(error).__name__})") from error
+            raise ShardedCheckpointError(
+                f"{path}: unreadable DCP metadata ({type(error).__name__})"
+            ) from error
         if not isinstance(metadata, Metadata):
             raise ShardedCheckpointError(f"{path}: not DCP metadata")
         for key, item in metadata.state_dict_metadata.items():
             if isinstance(item, BytesStorageMetadata):  # DCP would torch.load it with weights_only=False
-                raise ShardedCheckpointError(f"{path}: holds a non-tensor item {key!r}; refusing to unpickle it")
+                raise ShardedCheckpointError(
+                    f"{path}: holds a non-tensor item {key!r}; refusing to unpickle it"
+                )
         if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -110,7 +116,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def tensor_index(path: str | Path) -> dict[str, TensorStorageMetadata]:
-    """Every tensor key of the checkpoint with its global shape and dtype (from `.metadata`, no tensor read)."""
+    """Every tensor key with its global shape and dtype (from `.metadata`; reads no tensor)."""
     metadata = SafeReader(str(path)).read_metadata()
     return dict(metadata.state_dict_metadata)  # all TensorStorageMetadata: SafeReader refused anything else
 
@@ -124,6 +130,13 @@ def load_into(path: str | Path, targets: dict[str, Tensor], distributed: bool) -
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.load(targets, storage_reader=SafeReader(str(path)), no_dist=not distributed)
+
+
+def read_tensor(path: str | Path, key: str, item: TensorStorageMetadata) -> Tensor:
+    """One full tensor (`item` from `tensor_index`), assembled from its chunks."""
+    target = torch.empty(item.size, dtype=item.properties.dtype)
+    load_into(path, {key: target}, distributed=False)
+    return target
 
 
 def consolidated_state(path: str | Path, prefix: str = STATE_PREFIX) -> dict[str, Tensor]:

@@ -119,7 +119,12 @@ def _train_and_save(rank: int, world: int, size: int, root: Path, out: Path) -> 
 
         return record
 
-    object_collectives = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list")
+    object_collectives = (
+        "all_gather_object",
+        "gather_object",
+        "broadcast_object_list",
+        "scatter_object_list",
+    )
     saved = {name: getattr(dist, name) for name in object_collectives}
     try:
         for name in originals:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from nmt_moe.moe.collectives import ExpertParallel
-from nmt_moe.moe.layer import MoELayer, moe_layers
+from nmt_moe.moe.layer import moe_layers
 
 __all__ = [
     "expert_parameter_names",

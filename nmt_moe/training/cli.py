@@ -158,9 +158,10 @@ def train_main(argv: list[str]) -> int:
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             if config.model.get("expert_parallel_size", 1) > 1 and config.trainer.strategy in ("ddp", "auto"):
-                config.trainer.strategy = Namespace(  # sharded experts and sharded checkpoints
-                    class_path="nmt_moe.training.expert_parallel.ExpertParallelStrategy", init_args=Namespace()
+                strategy = (
+                    "nmt_moe.training.expert_parallel.ExpertParallelStrategy"  # sharded experts, checkpoints
                 )
+                config.trainer.strategy = Namespace(class_path=strategy, init_args=Namespace())
             logger = config.trainer.logger
             if not (isinstance(logger, Namespace) and logger.get("class_path", "").endswith("WandbLogger")):
                 return  # the user chose another logger (or none)

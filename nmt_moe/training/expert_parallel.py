@@ -81,7 +81,9 @@ class ExpertParallelStrategy(DDPStrategy):
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
         if self.expert_parallel is not None:  # shard grads: sum over replicas, mean over ranks like DDP
-            collectives.finish_expert_grads(parallel.sharded_parameters(self.lightning_module), self.expert_parallel)
+            collectives.finish_expert_grads(
+                parallel.sharded_parameters(self.lightning_module), self.expert_parallel
+            )
 
     def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
         """Norm clipping by the global norm (the shards' squares summed over the expert-parallel group)."""
@@ -138,7 +140,9 @@ class ExpertParallelStrategy(DDPStrategy):
         skeletons = checkpoint.pop("optimizer_skeletons", [])
         for i, skeleton in enumerate(skeletons[: len(self.optimizers)]):  # none under validate/test
             local = self._optimizer_buffers(index, f"optimizer_{i}/")
-            targets.update({f"optimizer_{i}/{key}": self._global(key.rpartition("/")[0], v) for key, v in local.items()})
+            targets.update(
+                {f"optimizer_{i}/{key}": self._global(key.rpartition("/")[0], v) for key, v in local.items()}
+            )
             optimizer_states.append((skeleton, local))
         load_into(path, targets, distributed=True)  # each rank reads only its slices
         checkpoint["state_dict"] = state  # expert entries are DTensors: full shapes for check_resumable
@@ -154,9 +158,15 @@ class ExpertParallelStrategy(DDPStrategy):
                 continue
             name = key[len(prefix) :].rpartition("/")[0]
             shape = list(item.size)
-            if name in self._local_experts and shape and shape[0] == self._local_experts[name] * self.expert_parallel.size:
+            if (
+                name in self._local_experts
+                and shape
+                and shape[0] == self._local_experts[name] * self.expert_parallel.size
+            ):
                 shape[0] = self._local_experts[name]
-            buffers[key[len(prefix) :]] = torch.empty(shape, dtype=item.properties.dtype, device=self.root_device)
+            buffers[key[len(prefix) :]] = torch.empty(
+                shape, dtype=item.properties.dtype, device=self.root_device
+            )
         return buffers
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -176,7 +186,11 @@ class ExpertParallelStrategy(DDPStrategy):
 
 def _check_fits(path: Path, index: Mapping[str, Any], state: Mapping[str, Tensor]) -> None:
     """One-line error when the checkpoint's weights are not this model's (instead of DCP's traceback)."""
-    saved = {key[len(STATE_PREFIX) :]: tuple(item.size) for key, item in index.items() if key.startswith(STATE_PREFIX)}
+    saved = {
+        key[len(STATE_PREFIX) :]: tuple(item.size)
+        for key, item in index.items()
+        if key.startswith(STATE_PREFIX)
+    }
     here = {key: tuple(value.shape) for key, value in state.items()}
     if saved != here:
         differ = sorted(key for key in saved.keys() | here.keys() if saved.get(key) != here.get(key))
@@ -184,4 +198,3 @@ def _check_fits(path: Path, index: Mapping[str, Any], state: Mapping[str, Tensor
             f"{path}: its weights do not fit this model ({', '.join(differ[:3])} differ); "
             "resume with the model settings the checkpoint was trained with"
         )
-
