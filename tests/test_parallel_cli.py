@@ -75,8 +75,8 @@ def train_2_ranks(data: Path, root: Path, epochs: int, *extra: str) -> subproces
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two epochs of 6 steps on 2 processes: an epoch validated by greedy BLEU (experts gathered), then a
-    resume from last.ckpt validated by loss only (experts stay sharded); returns (data, root)."""
+    """Two epochs of 6 steps on 2 processes: an epoch validated by greedy BLEU (decoding in lockstep), then a
+    resume from last.ckpt validated by loss only; returns (data, root). Experts stay sharded throughout."""
     data = write_copy_task(tmp_path_factory.mktemp("data"))
     root = tmp_path_factory.mktemp("run")
     first = train_2_ranks(data, root, 1)
@@ -152,3 +152,33 @@ def test_two_rank_checkpoint_reshards_with_the_outputs_of_one_process(
     with torch.no_grad():
         expected = model(src, lengths, tgt).logits
     torch.testing.assert_close(sharded, expected, atol=1e-5, rtol=1e-5)
+
+
+def last_val(metrics: Path) -> dict[str, float]:
+    with open(metrics) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/loss")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+
+
+def test_validation_with_sharded_experts_matches_one_process(run: tuple[Path, Path]) -> None:
+    """Loss and greedy BLEU of the 2-rank sharded checkpoint: validated on 2 ranks with the experts sharded
+    (decoding in lockstep, nothing gathered) and in one process (the checkpoint consolidated)."""
+    data, root = run
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    common = ["--config", str(RECIPE), "--data.train", str(data / "train"),
+              "--data.valid", str(data / "valid"), "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"), "--wandb", "off",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.accelerator", "cpu", "--ckpt_path", str(checkpoint)]  # fmt: skip
+    layouts = {
+        "one": ["--trainer.devices", "1"],
+        "two": ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.expert_parallel_size", "2"],
+    }
+    for name, layout in layouts.items():
+        result = nmt_moe("train", "validate", *common, *layout, "--trainer.default_root_dir", name, cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = last_val(root / "one" / "csv" / "version_0" / "metrics.csv")
+    two = last_val(root / "two" / "csv" / "version_0" / "metrics.csv")
+    assert one["val/chrf"] > 0  # hypotheses were decoded and scored (BLEU is 0 this early in training)
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-4)
+    assert two["val/bleu"] == pytest.approx(one["val/bleu"], abs=1e-6)
+    assert two["val/chrf"] == pytest.approx(one["val/chrf"], abs=1e-6)

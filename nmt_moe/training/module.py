@@ -20,8 +20,9 @@ from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.evaluation import score
 from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import moe_layers, parallel
+from nmt_moe.moe import moe_layers
 from nmt_moe.training.expert_parallel import ExpertParallelStrategy
+from nmt_moe.training.lockstep import greedy_decode_lockstep
 from nmt_moe.training.schedules import Schedule, lr_multiplier
 
 CHECKPOINT_VERSION = 1
@@ -166,23 +167,10 @@ class TranslationModule(pl.LightningModule):
             return
         strategy.clip_grad_norm_(optimizer, gradient_clip_val)
 
-    def on_validation_epoch_start(self) -> None:
-        self._gather_experts_for_decoding()
-
-    def on_test_epoch_start(self) -> None:
-        self._gather_experts_for_decoding()
-
-    def _gather_experts_for_decoding(self) -> None:
-        """Ranks greedy-decode different numbers of steps and could not meet in the all-to-all: each rank
-        gets the full expert bank for the evaluation epoch (memory: all experts on every rank). Without
-        decoding (val_max_sentences=0) evaluation stays sharded: every rank has as many batches."""
-        if self.hparams.val_max_sentences > 0:
-            parallel.unshard_experts(self.model)
-
-    def _reshard_experts(self) -> None:
-        ep = getattr(self.trainer.strategy, "expert_parallel", None)
-        if ep is not None:
-            parallel.shard_experts(self.model, ep)
+    def _experts_sharded(self) -> bool:
+        return (
+            self._trainer is not None and getattr(self.trainer.strategy, "expert_parallel", None) is not None
+        )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -215,11 +203,9 @@ class TranslationModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val", "valid")
-        self._reshard_experts()
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test", "test")
-        self._reshard_experts()
 
     def _evaluation_step(self, batch: dict[str, Tensor]) -> None:
         logits, _ = self(batch)  # [B, T, V]
@@ -234,17 +220,17 @@ class TranslationModule(pl.LightningModule):
         self.eval_metrics["nll"].update(nll, n_tokens)
         self.eval_metrics["acc"].update(token_accuracy(logits, target), n_tokens)
 
+        if self.hparams.val_max_sentences == 0:
+            return
         keep = (batch["index"] < self.hparams.val_max_sentences).nonzero().squeeze(1)  # [N]
+        src, src_lengths = batch["src"][keep], batch["src_lengths"][keep]
+        lengths = {"max_len_a": self.hparams.val_max_len_a, "max_len_b": self.hparams.val_max_len_b}
+        if self._experts_sharded():  # every rank joins every step's all-to-all, even with nothing to decode
+            hyp_ids = greedy_decode_lockstep(self.model, src, src_lengths, **lengths)
+        elif len(keep):
+            hyp_ids, _ = greedy_decode(self.model, src, src_lengths, **lengths)
         if len(keep) == 0:
             return
-        src, src_lengths = batch["src"][keep], batch["src_lengths"][keep]
-        hyp_ids, _ = greedy_decode(
-            self.model,
-            src,
-            src_lengths,
-            max_len_a=self.hparams.val_max_len_a,
-            max_len_b=self.hparams.val_max_len_b,
-        )
         hypotheses = self._tokenizer().decode(hyp_ids)
         self._decoded += zip(batch["index"][keep].tolist(), hypotheses, strict=True)
 
