@@ -166,7 +166,8 @@ def test_validation_with_sharded_experts_matches_one_process(run: tuple[Path, Pa
     data, root = run
     checkpoint = root / "checkpoints" / "last.ckpt"
     common = ["--config", str(RECIPE), "--data.train", str(data / "train"),
-              "--data.valid", str(data / "valid"), "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"), "--wandb", "off",
+              "--data.valid", str(data / "valid"), "--data.test", str(data / "test"),
+              "--data.cache_dir", str(data / "cache"), "--wandb", "off",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--trainer.accelerator", "cpu", "--ckpt_path", str(checkpoint)]  # fmt: skip
     layouts = {
