@@ -81,12 +81,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("run")
     first = train_2_ranks(data, root, 1)
     assert first.returncode == 0, first.stderr[-3000:]
-    by_loss = ["--model.val_max_sentences", "0", "--checkpoint.monitor", "val/loss",
-               "--checkpoint.mode", "min", "--early_stopping.monitor", "val/loss",
-               "--early_stopping.mode", "min"]  # fmt: skip
+    by_loss = ["--model.val_max_sentences", "0"]  # the checkpoint then follows val/loss by itself
     resumed = train_2_ranks(data, root, 2, "--ckpt_path", "last", *by_loss)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr
+    assert list((root / "checkpoints").glob("best-step12-loss*.ckpt"))  # the best by loss after the resume
     for version, key in ((0, "val/bleu"), (1, "val/loss")):
         with open(root / "csv" / f"version_{version}" / "metrics.csv") as f:
             assert any(row.get(key) for row in csv.DictReader(f)), (version, key)
