@@ -64,8 +64,8 @@ def shard_experts(module: nn.Module, ep: ExpertParallel) -> None:
 def unshard_experts(module: nn.Module) -> None:
     """Gather every MoE layer's full expert bank onto this rank and run locally again (collective).
 
-    Used around evaluation, where ranks decode different numbers of steps and could not meet in all_to_all.
-    `shard_experts` afterwards restores the identical shard.
+    Training, validation and checkpoints never call it (memory: every expert on every rank); it hands a
+    sharded model to one-process code. `shard_experts` afterwards restores the identical shard.
     """
     for _, layer in moe_layers(module):
         layer.unshard()
