@@ -17,6 +17,14 @@ import torch
 from torch import Tensor
 
 from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_weights_only, nmt_moe_section, run_cli
+from nmt_moe.sharded_checkpoint import (
+    STATE_PREFIX,
+    ShardedCheckpointError,
+    is_sharded_checkpoint,
+    read_meta,
+    read_tensor,
+    tensor_index,
+)
 
 
 def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
@@ -28,6 +36,12 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     """
     if not paths:
         raise ModelLoadError("no checkpoints to average")
+    sharded = [is_sharded_checkpoint(path) for path in paths]
+    if any(sharded):
+        if not all(sharded):
+            raise ModelLoadError("cannot average sharded checkpoint directories with .ckpt files; average "
+                                 "checkpoints of one run")  # fmt: skip
+        return average_sharded(paths)
     total: dict[str, Tensor] = {}
     last: dict[str, Any] = {}
     reference_config = None
@@ -66,6 +80,49 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     return result
 
 
+def average_sharded(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """`average_checkpoints` for sharded checkpoint directories (written under expert parallelism), one
+    tensor at a time: each weight is read in full from every checkpoint in turn and averaged in fp64, so
+    peak memory is the averaged weights plus about three copies of the largest tensor."""
+    paths = [Path(p) for p in paths]
+    try:
+        metas = [read_meta(path) for path in paths]
+        indexes = [
+            {key: item for key, item in tensor_index(path).items() if key.startswith(STATE_PREFIX)}
+            for path in paths
+        ]
+        for path, meta, index in zip(paths, metas, indexes, strict=True):
+            config = nmt_moe_section(meta.get("nmt_moe"), path)["model_config"]
+            if config != nmt_moe_section(metas[0].get("nmt_moe"), paths[0])["model_config"]:
+                raise ModelLoadError(
+                    f"{path}: model config differs from {paths[0]}; average one model's checkpoints"
+                )
+            shapes = {key: (tuple(item.size), item.properties.dtype) for key, item in index.items()}
+            if shapes != {key: (tuple(item.size), item.properties.dtype) for key, item in indexes[0].items()}:
+                raise ModelLoadError(f"{path}: parameter names or shapes differ from {paths[0]}")
+        averaged = {}
+        for key, item in indexes[-1].items():
+            total = None
+            for path in paths:
+                value = read_tensor(path, key, item)
+                if not value.is_floating_point():
+                    total = value  # integer buffers: the last checkpoint's
+                elif total is None:
+                    total = value.double()
+                else:
+                    total += value
+            averaged[key[len(STATE_PREFIX) :]] = (
+                (total / len(paths)).to(item.properties.dtype) if total.is_floating_point() else total
+            )
+    except ShardedCheckpointError as error:
+        raise ModelLoadError(str(error)) from error
+    kept = ("nmt_moe", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")
+    result = {key: metas[-1][key] for key in kept if key in metas[-1]}
+    result["state_dict"] = averaged
+    result["averaged_from"] = [str(p) for p in paths]
+    return result
+
+
 def last_checkpoints(directory: str | Path, n: int) -> list[Path]:
     """The `n` latest checkpoints in `directory`, oldest first.
 
@@ -95,7 +152,10 @@ def average_main(argv: list[str]) -> int:
         description="Average the weights of several checkpoints of one training run into a new checkpoint "
         "(for translating or exporting; optimizer state is dropped).",
     )
-    parser.add_argument("checkpoints", nargs="*", type=Path, help="checkpoints to average")
+    parser.add_argument(
+        "checkpoints", nargs="*", type=Path,
+        help="checkpoints to average (.ckpt files, or sharded directories of an expert-parallel run)",
+    )  # fmt: skip
     parser.add_argument(
         "--last", nargs=2, metavar=("N", "DIR"), help="average the N latest checkpoints in DIR"
     )

@@ -3,6 +3,8 @@
 A model path is either
   * a Lightning training checkpoint: `state_dict` with keys `model.<...>` for the Seq2Seq, plus
     `checkpoint["nmt_moe"] = {"version": 1, "model_config": ..., "tokenizer": <SentencePiece bytes>}`; or
+  * a sharded training checkpoint: a directory written under expert parallelism by
+    torch.distributed.checkpoint (see sharded_checkpoint.py), read tensor by tensor into the model; or
   * an export bundle: a directory with `weights.pt` (the Seq2Seq state dict), `config.json`
     ({"version": 1, "model_config": ...}) and `sentencepiece.model`: all a translation needs.
 
@@ -34,6 +36,14 @@ from torch import Tensor
 
 from nmt_moe.data.tokenizer import Tokenizer
 from nmt_moe.models import Seq2Seq
+from nmt_moe.sharded_checkpoint import (
+    STATE_PREFIX,
+    ShardedCheckpointError,
+    is_sharded_checkpoint,
+    load_into,
+    read_meta,
+    tensor_index,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "weights.pt", "config.json", "sentencepiece.model"
@@ -60,7 +70,14 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if path.is_dir():  # a sharded checkpoint of the same name (resumed without expert parallelism)
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -118,6 +135,9 @@ def nmt_moe_section(section: Any, path: Path) -> dict[str, Any]:
 def read_model_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], bytes]:
     """(model config, Seq2Seq state dict, SentencePiece model bytes) from a checkpoint or a bundle."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        model, tokenizer_bytes = load_sharded_model(path)
+        return model.config, model.state_dict(), tokenizer_bytes
     if path.is_dir():
         missing = [
             name for name in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE) if not (path / name).is_file()
@@ -152,20 +172,52 @@ def read_model_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
     return section["model_config"], state, section["tokenizer"]
 
 
-def build_model(config: dict[str, Any], state: dict[str, Tensor], tokenizer_bytes: bytes, where: Path):
-    """Seq2Seq (eval mode) and Tokenizer from their parts, checking that the parts agree."""
+def load_sharded_model(path: Path) -> tuple[Seq2Seq, bytes]:
+    """The Seq2Seq of a sharded checkpoint directory (written under expert parallelism) and its SentencePiece
+    bytes. DCP reads every chunk straight into the model's parameters (full expert banks consolidated there):
+    peak memory is the model plus one chunk."""
     try:
-        model = Seq2Seq(**config)
+        section = nmt_moe_section(read_meta(path).get("nmt_moe"), path)
+        if not isinstance(section.get("tokenizer"), bytes):
+            raise ModelLoadError(f"{path}: checkpoint carries no SentencePiece model (nmt_moe.tokenizer)")
+        model = _seq2seq(section["model_config"], path)
+        prefix = STATE_PREFIX + MODEL_PREFIX
+        targets = {prefix + key: value for key, value in model.state_dict().items()}  # views of the weights
+        saved = {key: tuple(item.size) for key, item in tensor_index(path).items() if key.startswith(prefix)}
+        if saved != {key: tuple(value.shape) for key, value in targets.items()}:
+            raise ModelLoadError(
+                f"{path}: weights do not match the model config; "
+                "the checkpoint is incomplete or from another model"
+            )
+        load_into(path, targets, distributed=False)
+    except (ShardedCheckpointError, pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}: unreadable sharded checkpoint ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})") from error  # fmt: skip
+    return model.eval(), section["tokenizer"]
+
+
+def _seq2seq(config: dict[str, Any], where: Path) -> Seq2Seq:
+    try:
+        return Seq2Seq(**config)
     except (TypeError, ValueError) as error:
         raise ModelLoadError(
             f"{where}: model config does not fit this nmt-moe's Seq2Seq ({error})"
         ) from error
+
+
+def build_model(config: dict[str, Any], state: dict[str, Tensor], tokenizer_bytes: bytes, where: Path):
+    """Seq2Seq (eval mode) and Tokenizer from their parts, checking that the parts agree."""
+    model = _seq2seq(config, where)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
             f"{where}: weights do not match the model config (missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}); the checkpoint is incomplete or from another model"
         )
+    return model.eval(), _tokenizer(tokenizer_bytes, config, where)
+
+
+def _tokenizer(tokenizer_bytes: bytes, config: dict[str, Any], where: Path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
     except (RuntimeError, ValueError) as error:
@@ -175,7 +227,7 @@ def build_model(config: dict[str, Any], state: dict[str, Tensor], tokenizer_byte
             f"{where}: SentencePiece vocabulary has {tokenizer.vocab_size} pieces but the model "
             f"{config.get('vocab_size')}; tokenizer and weights come from different runs"
         )
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def check_resumable(
@@ -219,6 +271,9 @@ def check_resumable(
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2Seq, Tokenizer]:
     """The Seq2Seq (eval mode, on `device`) and its Tokenizer from a checkpoint or an export directory."""
+    if is_sharded_checkpoint(path):  # loaded in place: no second copy of the weights
+        model, tokenizer_bytes = load_sharded_model(Path(path))
+        return model.to(device), _tokenizer(tokenizer_bytes, model.config, Path(path))
     config, state, tokenizer_bytes = read_model_files(path)
     model, tokenizer = build_model(config, state, tokenizer_bytes, Path(path))
     return model.to(device), tokenizer
@@ -249,7 +304,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     config, state, tokenizer_bytes = read_model_files(checkpoint)
-    build_model(config, state, tokenizer_bytes, checkpoint)  # refuse to export something that cannot load
+    if is_sharded_checkpoint(checkpoint):  # already loaded into a model: check the tokenizer only
+        _tokenizer(tokenizer_bytes, config, checkpoint)
+    else:
+        build_model(config, state, tokenizer_bytes, checkpoint)  # refuse to export what cannot load
     if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir()) or _is_bundle(out_dir))):
         raise ModelLoadError(f"{out_dir}: exists and is not an export directory; choose another output path")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,9 @@ only, no weights allocated, so a multi-billion-parameter model builds in seconds
 - total parameters and the active ones a token uses (its k experts per MoE layer, not the whole bank);
 - FLOPs per target token for a forward pass (and about 3x that for training);
 - memory per device for a number of GPUs and an expert-parallel size: weights, gradients, optimizer state
-  (Adam/AdamW or Adafactor, as the config says), expert banks divided across the expert-parallel group, and
-  a rough activation estimate for one batch.
+  (Adam/AdamW or Adafactor, as the config says), expert banks divided across the expert-parallel group, the
+  gates' fp32 [tokens, experts] tensors and a rough activation estimate for one batch;
+- the peak per device while training, validating and checkpointing, checked against one GPU's memory.
 
     nmt-moe plan recipes/wmt14_en_de/config.yaml --gpus 8 --expert-parallel-size 8
 """
@@ -218,9 +219,9 @@ def optimizer_values(param: torch.Tensor, optimizer: str) -> int:
 
 def activation_values_per_token(model: nn.Module, src_len: float, src_tgt_ratio: float = 1.0) -> float:
     """Rough count of activation values kept for backward per target token (within ~2x): per LSTM layer its
-    input, 4 gates, cell and output; per MoE layer its input, router scores (4 tensors of E for noisy
-    gates) and, per visited expert, the token copy, hidden pre-activation and output; attention weights and
-    context. The logits are counted apart (`memory_per_device`): part of them is always fp32."""
+    input, 4 gates, cell and output; per MoE layer its input and, per visited expert, the token copy, hidden
+    pre-activation and output; attention weights and context. The logits and the gates' fp32 [tokens, E]
+    tensors are counted apart (`memory_per_device`): they are fp32 whatever the precision."""
     values = {"encoder": 0.0, "decoder": 0.0}
     for name, module in model.named_modules():
         side = "encoder" if name.startswith("encoder") else "decoder"
@@ -230,12 +231,19 @@ def activation_values_per_token(model: nn.Module, src_len: float, src_tgt_ratio:
             values[side] += weight * (module.input_size + directions * 6 * module.hidden_size)
         elif isinstance(module, MoELayer):
             d, h_in = module.experts.w_in.shape[1:]
-            values[side] += weight * (d + 4 * module.num_experts + module.experts_per_token * (2 * d + h_in))
+            values[side] += weight * (d + module.experts_per_token * (2 * d + h_in))
         elif isinstance(module, FeedForward):
             values[side] += weight * (module.w_in.in_features + module.w_in.out_features)
         elif isinstance(module, Attention):
             values["decoder"] += 2 * src_len + 2 * model.decoder.hidden_size
     return values["encoder"] + values["decoder"]
+
+
+def gate_values_per_token(model: nn.Module) -> float:
+    """fp32 values per token the gates keep for backward: the router runs outside autocast, and a noisy
+    top-k gate keeps about four [tokens, E] tensors per MoE layer (clean and noisy logits, noise scale,
+    softmax); hierarchical gates add a [tokens, groups] level."""
+    return float(sum(4 * layer.num_experts for _, layer in moe_layers(model)))
 
 
 def memory_per_device(
@@ -252,7 +260,8 @@ def memory_per_device(
 
     Besides weights, gradients and optimizer state: under mixed precision the 16-bit copies of the weights
     autocast makes (kept for backward); the logits in the compute dtype plus the fp32 log-softmax of the
-    loss and its fp32 gradient; other activations as `activation_values_per_token` counts them. Checked
+    loss and its fp32 gradient; the gates' fp32 [tokens, E] tensors (`gate_values_per_token`); other
+    activations as `activation_values_per_token` counts them. Checked
     against one real training step on an H200 (bf16-mixed, Adam, 256 sentences of 32 tokens): the WMT
     flat-32 recipe peaked at 8.0 GiB (this estimate: 6.75), the 2048-expert recipe cut to 512 experts at
     41.8 GiB (estimate: 40.6)."""
@@ -271,9 +280,48 @@ def memory_per_device(
         "weight_copies": local * act_bytes if act_bytes < state_bytes else 0.0,
         "logits": tokens_per_batch * vocab * (act_bytes + 4 + 4),
         "activations": tokens_per_batch * activation_values_per_token(model, src_len) * act_bytes,
+        "gate_fp32": tokens_per_batch * gate_values_per_token(model) * 4,
     }
     memory["total"] = sum(memory.values())
     return memory
+
+
+def peaks_per_device(
+    model: nn.Module, memory: dict[str, float], *, optimizer: str, tokens_per_batch: int, precision: str,
+    expert_parallel_size: int,
+) -> dict[str, float]:  # fmt: skip
+    """Peak bytes per device in each phase, from `memory_per_device`'s parts.
+
+    - training: one step (`memory["total"]`);
+    - validation: weights, optimizer state and the last step's gradients stay allocated (Lightning zeroes
+      gradients at the next step); a teacher-forced forward without saved activations keeps its logits in
+      the compute dtype, their fp32 copy and log-softmax, and one MoE layer's gate tensors at a time; the
+      experts stay sharded (greedy decoding in lockstep: its states are a few [sentences, hidden] rows);
+    - checkpoint: the same resident state plus one tensor in flight (each rank writes its own shards
+      through torch.distributed.checkpoint, tensor by tensor, to host memory);
+    - checkpoint_if_gathered: what gathering the full expert banks and both Adam moments onto every rank
+      would add (the layout before sharded checkpoints), for comparison.
+    """
+    state_bytes, act_bytes = PRECISION_BYTES[precision]
+    resident = sum(memory[part] for part in ("weights", "gradients", "optimizer", "weight_copies"))
+    vocab = model.decoder.output.out_features
+    largest_gate = max((4 * layer.num_experts for _, layer in moe_layers(model)), default=0)
+    largest = max(
+        p.numel() / (expert_parallel_size if _is_expert_bank(name) else 1)
+        for name, p in model.named_parameters()
+    )
+    bank = sum(
+        p.numel() + optimizer_values(p, optimizer)
+        for name, p in model.named_parameters()
+        if _is_expert_bank(name)
+    )  # weights and optimizer values of every expert bank
+    gathered = bank * (1 - 1 / expert_parallel_size) * state_bytes
+    return {
+        "training": memory["total"],
+        "validation": resident + tokens_per_batch * (vocab * (act_bytes + 4 + 4) + largest_gate * 4),
+        "checkpoint": resident + largest * state_bytes,
+        "checkpoint_if_gathered": resident + gathered,
+    }
 
 
 # --- the report --------------------------------------------------------------------------------------------
@@ -286,6 +334,7 @@ def plan(
     expert_parallel_size: int = 1,
     tokens_per_batch: int | None = None,
     src_len: float = 30.0,
+    gpu_memory_gib: float = 80.0,
 ) -> dict[str, Any]:
     """Everything `nmt-moe plan` prints, as a JSON-ready dict."""
     if gpus < 1:
@@ -312,6 +361,11 @@ def plan(
         expert_parallel_size=expert_parallel_size,
         src_len=src_len,
     )
+    peaks = peaks_per_device(
+        model, memory, optimizer=recipe.optimizer, tokens_per_batch=recipe.tokens_per_batch,
+        precision=recipe.precision, expert_parallel_size=expert_parallel_size,
+    )  # fmt: skip
+    peak = max(peaks[phase] for phase in ("training", "validation", "checkpoint"))
     assumptions = [
         *recipe.notes,
         f"{gpus} GPU(s): each expert bank split evenly over {expert_parallel_size} device(s) (expert "
@@ -339,6 +393,12 @@ def plan(
         ],
         "flops_per_target_token": flops_per_target_token(model, src_len),
         "memory_per_device_bytes": memory,
+        "peak_per_device_bytes": peaks,
+        "fits": {
+            "gpu_memory_gib": gpu_memory_gib,
+            "peak_gib": peak / GIB,
+            "fits": peak <= gpu_memory_gib * GIB,
+        },
         "gpus": gpus,
         "expert_parallel_size": expert_parallel_size,
         "recipe": {k: v for k, v in asdict(recipe).items() if k not in ("model_args", "notes")},
@@ -373,6 +433,13 @@ def format_plan(report: dict[str, Any]) -> str:
         f"memory per device ({report['gpus']} GPUs, expert-parallel size {report['expert_parallel_size']}):",
     ]
     lines += [f"  {part:<14} {memory[part] / GIB:10.2f} GiB" for part in memory]
+    lines.append("peak per device by phase:")
+    lines += [
+        f"  {phase:<22} {value / GIB:10.2f} GiB" for phase, value in report["peak_per_device_bytes"].items()
+    ]
+    fits = report["fits"]
+    verdict = "fits" if fits["fits"] else "does NOT fit"
+    lines.append(f"peak {fits['peak_gib']:.2f} GiB of {fits['gpu_memory_gib']:g} GiB per GPU: {verdict}")
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in report["assumptions"]]
     return "\n".join(lines)
@@ -400,6 +467,9 @@ def plan_main(argv: list[str]) -> int:
     parser.add_argument(
         "--src-len", type=float, default=30.0, help="mean source length in tokens (default 30)"
     )
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU to check the peak against (80)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     try:
@@ -409,6 +479,7 @@ def plan_main(argv: list[str]) -> int:
             expert_parallel_size=args.expert_parallel_size,
             tokens_per_batch=args.tokens_per_batch,
             src_len=args.src_len,
+            gpu_memory_gib=args.gpu_memory_gib,
         )
     except (PlanError, OSError, yaml.YAMLError) as error:
         print(f"nmt-moe plan: error: {error}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """`nmt-moe train` with devices=2 and expert_parallel_size=2 on CPU, launched by the Trainer itself (in a
 subprocess: strategy=ddp would re-launch pytest); its checkpoint resumes on the same layout, translates in
-one process, and re-shards to 2 ranks with the outputs of one process.
+one process, and re-shards to 2 ranks with the outputs of one process. Checkpoints are sharded directories
+(torch.distributed.checkpoint); `nmt-moe translate` reads them directly.
 
 Run with `python -m pytest -q -m distributed tests/test_parallel_cli.py` (deselected by default).
 """
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 from nmt_moe.checkpoint import load_model, read_model_files
 from nmt_moe.models import Seq2Seq
 from nmt_moe.moe import collectives, parallel
+from nmt_moe.sharded_checkpoint import full_checkpoint, is_sharded_checkpoint
 
 pytestmark = pytest.mark.distributed
 
@@ -73,18 +75,17 @@ def train_2_ranks(data: Path, root: Path, epochs: int, *extra: str) -> subproces
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two epochs of 6 steps on 2 processes: an epoch validated by greedy BLEU (experts gathered), then a
-    resume from last.ckpt validated by loss only (experts stay sharded); returns (data, root)."""
+    """Two epochs of 6 steps on 2 processes: an epoch validated by greedy BLEU (decoding in lockstep), then a
+    resume from last.ckpt validated by loss only; returns (data, root). Experts stay sharded throughout."""
     data = write_copy_task(tmp_path_factory.mktemp("data"))
     root = tmp_path_factory.mktemp("run")
     first = train_2_ranks(data, root, 1)
     assert first.returncode == 0, first.stderr[-3000:]
-    by_loss = ["--model.val_max_sentences", "0", "--checkpoint.monitor", "val/loss",
-               "--checkpoint.mode", "min", "--early_stopping.monitor", "val/loss",
-               "--early_stopping.mode", "min"]  # fmt: skip
+    by_loss = ["--model.val_max_sentences", "0"]  # the checkpoint then follows val/loss by itself
     resumed = train_2_ranks(data, root, 2, "--ckpt_path", "last", *by_loss)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restored all states from the checkpoint" in resumed.stderr
+    assert list((root / "checkpoints").glob("best-step12-loss*.ckpt"))  # the best by loss after the resume
     for version, key in ((0, "val/bleu"), (1, "val/loss")):
         with open(root / "csv" / f"version_{version}" / "metrics.csv") as f:
             assert any(row.get(key) for row in csv.DictReader(f)), (version, key)
@@ -94,15 +95,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_two_rank_checkpoint_holds_full_experts_and_translates_in_one_process(run: tuple[Path, Path]) -> None:
     data, root = run
     checkpoint = root / "checkpoints" / "last.ckpt"
-    state = torch.load(checkpoint, weights_only=True)
+    assert is_sharded_checkpoint(checkpoint)  # a directory: each rank wrote its own experts
+    state = full_checkpoint(checkpoint)  # consolidated in this process
     assert state["global_step"] == 12  # two epochs of 6 steps: the resume continued
     config = state["nmt_moe"]["model_config"]
     w_in = state["state_dict"]["model.encoder.moe.0.experts.w_in"]
-    assert w_in.shape[0] == config["num_experts"] == 4  # both ranks' shards, gathered
+    assert w_in.shape[0] == config["num_experts"] == 4  # both ranks' shards, consolidated
     moments = [
         s["exp_avg"] for s in state["optimizer_states"][0]["state"].values() if s["exp_avg"].dim() == 3
     ]
-    assert moments and all(m.shape[0] == 4 for m in moments)  # per-expert Adam moments, gathered too
+    assert moments and all(m.shape[0] == 4 for m in moments)  # per-expert Adam moments, consolidated too
 
     result = nmt_moe("translate", "-m", str(checkpoint), "--beam", "2", "--quiet",
                      "-i", str(data / "test.src"), cwd=root)  # fmt: skip
@@ -149,3 +151,34 @@ def test_two_rank_checkpoint_reshards_with_the_outputs_of_one_process(
     with torch.no_grad():
         expected = model(src, lengths, tgt).logits
     torch.testing.assert_close(sharded, expected, atol=1e-5, rtol=1e-5)
+
+
+def last_val(metrics: Path) -> dict[str, float]:
+    with open(metrics) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/loss")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+
+
+def test_validation_with_sharded_experts_matches_one_process(run: tuple[Path, Path]) -> None:
+    """Loss and greedy BLEU of the 2-rank sharded checkpoint: validated on 2 ranks with the experts sharded
+    (decoding in lockstep, nothing gathered) and in one process (the checkpoint consolidated)."""
+    data, root = run
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    common = ["--config", str(RECIPE), "--data.train", str(data / "train"),
+              "--data.valid", str(data / "valid"), "--data.test", str(data / "test"),
+              "--data.cache_dir", str(data / "cache"), "--wandb", "off",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.accelerator", "cpu", "--ckpt_path", str(checkpoint)]  # fmt: skip
+    layouts = {
+        "one": ["--trainer.devices", "1"],
+        "two": ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.expert_parallel_size", "2"],
+    }
+    for name, layout in layouts.items():
+        result = nmt_moe("train", "validate", *common, *layout, "--trainer.default_root_dir", name, cwd=root)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = last_val(root / "one" / "csv" / "version_0" / "metrics.csv")
+    two = last_val(root / "two" / "csv" / "version_0" / "metrics.csv")
+    assert one["val/chrf"] > 0  # hypotheses were decoded and scored (BLEU is 0 this early in training)
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-4)
+    assert two["val/bleu"] == pytest.approx(one["val/bleu"], abs=1e-6)
+    assert two["val/chrf"] == pytest.approx(one["val/chrf"], abs=1e-6)

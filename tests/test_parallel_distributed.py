@@ -311,9 +311,8 @@ def run_training(module: Any, batches: list[dict[str, torch.Tensor]], **trainer_
             record["loss"].append(outputs["loss"].detach())
             grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
             params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-            if pl_module._expert_parallel is not None:
-                parallel.gather_expert_state(grads, pl_module)
-                parallel.gather_expert_state(params, pl_module)
+            gather_full_experts(grads, pl_module)
+            gather_full_experts(params, pl_module)
             record["grads"], record["params"] = grads, params
 
     trainer = pl.Trainer(
@@ -328,6 +327,17 @@ def run_training(module: Any, batches: list[dict[str, torch.Tensor]], **trainer_
     return record
 
 
+def gather_full_experts(state: dict[str, torch.Tensor], module: torch.nn.Module) -> None:
+    """Test-only: replace this rank's expert shards in `state` (keys as in named_parameters) by the full
+    [E, ...] tensors, to compare with one process (collective)."""
+    for name, layer in parallel.moe_layers(module):
+        ep = layer.expert_parallel
+        for param, _ in layer.experts.named_parameters() if ep is not None else []:
+            key = f"{name}.experts.{param}"
+            if key in state:
+                state[key] = collectives.all_gather_cat(state[key], ep.group, ep.size)
+
+
 def _lightning_worker(
     rank: int, world: int, port: int, out_dir: Path, expert_parallel_size: int, gate: str
 ) -> None:
@@ -338,7 +348,10 @@ def _lightning_worker(
     )  # fmt: skip
     torch.set_num_threads(1)
     batches = [step[rank] for step in make_batches(world)]
-    record = run_training(make_module(expert_parallel_size, gate), batches, strategy="ddp", devices=world)
+    from nmt_moe.training.expert_parallel import ExpertParallelStrategy
+
+    strategy = ExpertParallelStrategy() if expert_parallel_size > 1 else "ddp"
+    record = run_training(make_module(expert_parallel_size, gate), batches, strategy=strategy, devices=world)
     torch.save(record, out_dir / f"train{rank}.pt")
 
 
@@ -365,3 +378,55 @@ def test_expert_parallel_training_steps_match_one_process(
             torch.testing.assert_close(rank["params"][name], value, atol=1e-5, rtol=1e-5, msg=name)
         for name, value in reference["grads"].items():
             torch.testing.assert_close(rank["grads"][name], value, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# --- greedy decoding in lockstep (validation BLEU with sharded experts) -------------------------------------
+
+
+def _decoding_model() -> torch.nn.Module:
+    from nmt_moe.models import Seq2Seq
+
+    torch.manual_seed(3)
+    model = Seq2Seq(vocab_size=40, embed_dim=16, hidden_size=16, encoder_layers=2, decoder_layers=2,
+                    num_experts=EXPERTS, k=2, d_hidden=16)  # fmt: skip
+    return model.eval()
+
+
+def _sentences() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per rank and batch: rank 0 decodes 3 then 1 sentences, rank 1 none then 2 (sources of 2-9 tokens)."""
+    g = torch.Generator().manual_seed(4)
+    lengths = {(0, 0): [9, 2, 5], (0, 1): [7], (1, 0): [], (1, 1): [3, 8]}
+    batches = {}
+    for key, lens in lengths.items():
+        src = torch.full((len(lens), max(lens, default=1)), 0, dtype=torch.long)
+        for row, n in enumerate(lens):
+            src[row, :n] = torch.randint(4, 40, (n,), generator=g)
+        batches[key] = (src, torch.tensor(lens, dtype=torch.long))
+    return batches
+
+
+def _lockstep_worker(rank: int, world: int, out_dir: Path) -> None:
+    from nmt_moe.training.lockstep import greedy_decode_lockstep
+
+    model = _decoding_model()
+    parallel.shard_experts(model, collectives.init_expert_parallel(world))
+    hyps = [
+        greedy_decode_lockstep(model, *_sentences()[(rank, b)], max_len_a=1.0, max_len_b=4) for b in (0, 1)
+    ]
+    torch.save(hyps, out_dir / f"hyps{rank}.pt")
+
+
+def test_lockstep_greedy_decoding_with_sharded_experts_matches_one_process(tmp_path: Path) -> None:
+    """Ranks with different numbers of sentences (none at all in one batch) and of decoding steps all join
+    every all-to-all, and each sentence decodes to what `greedy_decode` gives in one process."""
+    from nmt_moe.decoding.greedy import greedy_decode
+
+    spawn(_lockstep_worker, tmp_path)
+    model = _decoding_model()
+    steps = set()
+    for (rank, b), (src, lengths) in _sentences().items():
+        got = torch.load(tmp_path / f"hyps{rank}.pt")[b]
+        expected = greedy_decode(model, src, lengths, max_len_a=1.0, max_len_b=4)[0] if len(lengths) else []
+        assert got == expected, (rank, b)
+        steps |= {len(h) for h in expected}
+    assert len(steps) > 2  # sentences stopped at different steps (their maximum lengths)

@@ -133,7 +133,7 @@ def test_memory_counts_bytes_per_precision() -> None:
     assert mixed["weights"] == fp32["weights"] and mixed["activations"] == fp32["activations"] / 2
     assert fp32["weight_copies"] == 0 and mixed["weight_copies"] == 2 * n  # autocast's bf16 weight copies
     assert fp32["logits"] == 100 * 50 * (4 + 4 + 4) and mixed["logits"] == 100 * 50 * (2 + 4 + 4)
-    parts = ("weights", "gradients", "optimizer", "weight_copies", "logits", "activations")
+    parts = ("weights", "gradients", "optimizer", "weight_copies", "logits", "activations", "gate_fp32")
     assert mixed["total"] == sum(mixed[part] for part in parts)
 
 
@@ -158,3 +158,28 @@ def test_bad_input_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         plan(bad)
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_peaks_count_validation_checkpoint_and_the_gates_fp32_tensors(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", {**SMALL, "ffn": "moe"})
+    report = plan(config, gpus=4, expert_parallel_size=4, tokens_per_batch=100, gpu_memory_gib=80)
+    memory, peaks = report["memory_per_device_bytes"], report["peak_per_device_bytes"]
+    layers = len(report["moe_layers"])  # 3 MoE layers of 8 experts: 4 fp32 [tokens, E] tensors each
+    assert memory["gate_fp32"] == 100 * layers * 4 * 8 * 4
+    resident = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["weight_copies"]
+    assert peaks["training"] == memory["total"]
+    assert resident < peaks["checkpoint"] < peaks["checkpoint_if_gathered"]
+    assert resident < peaks["validation"] < peaks["training"]  # no activations kept for backward
+    assert report["fits"]["fits"] and report["fits"]["peak_gib"] * 1024**3 == max(
+        peaks[phase] for phase in ("training", "validation", "checkpoint")
+    )
+    tight = plan(config, gpus=4, expert_parallel_size=4, tokens_per_batch=100, gpu_memory_gib=1e-6)
+    assert not tight["fits"]["fits"]
+
+
+def test_paper_scale_checkpoint_fits_80gb_only_sharded() -> None:
+    """The issue's numbers: gathering 2048-expert banks and Adam moments at every save needed ~100 GiB per
+    GPU at 8 GPUs; written sharded, the checkpoint peak is the resident state plus one tensor."""
+    peaks = plan(HIER, gpus=8, expert_parallel_size=8)["peak_per_device_bytes"]
+    assert peaks["checkpoint_if_gathered"] > 80 * 1024**3 > peaks["checkpoint"]
+    assert max(peaks["training"], peaks["validation"], peaks["checkpoint"]) < 80 * 1024**3

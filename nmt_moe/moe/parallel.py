@@ -22,25 +22,21 @@ recomputes the losses from the sums, so every gate's losses and hard load counts
 batch (and the loss-free bias, updated from the global load, stays identical on every rank). The batchwise
 gate's top-m per expert is global too (`collectives.global_top_m`).
 
-Checkpoints hold full [E, ...] expert tensors (`gather_expert_state`), so they do not depend on the layout;
-`shard_expert_state` slices them for this rank on load: re-sharding to any P, including one process.
+Checkpoints under expert parallelism are sharded (torch.distributed.checkpoint, driven by
+training/expert_parallel.py): no rank gathers another's experts. A one-process checkpoint holds full
+[E, ...] tensors; `shard_expert_state` / `shard_optimizer_state` slice them for this rank on load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from nmt_moe.moe.collectives import ExpertParallel, all_gather_cat
-from nmt_moe.moe.layer import MoELayer, moe_layers
+from nmt_moe.moe.collectives import ExpertParallel
+from nmt_moe.moe.layer import moe_layers
 
 __all__ = [
     "expert_parameter_names",
-    "gather_expert_state",
-    "gather_optimizer_state",
     "moe_layers",
     "shard_expert_state",
     "shard_experts",
@@ -68,8 +64,8 @@ def shard_experts(module: nn.Module, ep: ExpertParallel) -> None:
 def unshard_experts(module: nn.Module) -> None:
     """Gather every MoE layer's full expert bank onto this rank and run locally again (collective).
 
-    Used around evaluation, where ranks decode different numbers of steps and could not meet in all_to_all.
-    `shard_experts` afterwards restores the identical shard.
+    Training, validation and checkpoints never call it (memory: every expert on every rank); it hands a
+    sharded model to one-process code. `shard_experts` afterwards restores the identical shard.
     """
     for _, layer in moe_layers(module):
         layer.unshard()
@@ -88,18 +84,6 @@ def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 
-def gather_expert_state(state_dict: dict[str, Tensor], module: nn.Module, prefix: str = "") -> None:
-    """Replace this rank's expert shards in `state_dict` (keys `prefix` + parameter name) by the full
-    [E, ...] tensors gathered from the expert-parallel group (collective: every rank calls it)."""
-    for name, layer in moe_layers(module):
-        ep = layer.expert_parallel
-        if ep is None:
-            continue
-        for param, _ in layer.experts.named_parameters():
-            key = f"{prefix}{name}.experts.{param}"
-            state_dict[key] = all_gather_cat(state_dict[key], ep.group, ep.size)
-
-
 def shard_expert_state(state_dict: dict[str, Tensor], module: nn.Module, prefix: str = "") -> None:
     """Slice the full [E, ...] expert tensors in `state_dict` to the shards `module` holds (in place).
 
@@ -113,36 +97,6 @@ def shard_expert_state(state_dict: dict[str, Tensor], module: nn.Module, prefix:
             key = f"{prefix}{name}.experts.{param}"
             if key in state_dict and state_dict[key].shape[0] == layer.num_experts:
                 state_dict[key] = state_dict[key][ep.shard(layer.num_experts)].clone()
-
-
-def _optimizer_shard_states(
-    optimizer_state: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module
-) -> Iterator[tuple[dict[str, Any], MoELayer]]:
-    """(state entry of `optimizer_state`, its layer) for every sharded expert parameter."""
-    owner = {
-        id(p): layer
-        for _, layer in moe_layers(module)
-        if layer.expert_parallel
-        for p in layer.experts.parameters()
-    }
-    index = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) in owner and index in optimizer_state["state"]:
-                yield optimizer_state["state"][index], owner[id(p)]
-            index += 1
-
-
-def gather_optimizer_state(
-    optimizer_state: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module
-) -> None:
-    """Full [E, ...] tensors for the per-expert optimizer state (Adam moments, Adafactor factors) of the
-    expert shards in `optimizer_state` (an `optimizer.state_dict()`); collective."""
-    for entry, layer in _optimizer_shard_states(optimizer_state, optimizer, module):
-        ep = layer.expert_parallel
-        for key, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() and value.shape[0] == layer.experts.num_experts:
-                entry[key] = all_gather_cat(value, ep.group, ep.size)
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> None:

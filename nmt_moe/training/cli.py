@@ -2,7 +2,8 @@
 
 Subcommands `fit`, `validate`, `test` (and `--print_config`) come from LightningCLI. On top of its defaults:
 - `data.vocab_size` is linked to the Seq2Seq's `vocab_size` (`model.model.init_args.vocab_size`);
-- always on: checkpoints best by `val/bleu` (`--checkpoint.*`) and `last.ckpt` after every validation
+- always on: checkpoints best by `val/bleu` (`val/loss` with `--model.val_max_sentences 0`, which decodes
+  nothing; `--checkpoint.*`) and `last.ckpt` after every validation
   (`--last_checkpoint.*`), both under `<default_root_dir>/checkpoints` so `--ckpt_path last` finds them;
   early stopping (`--early_stopping.*`), expert-load logging (`--expert_load.*`), tokens/s
   (`--throughput.*`), W&B sample tables, and progress (`--progress.*`: a bar with step / total, loss,
@@ -24,6 +25,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from nmt_moe.training.tracking import WANDB_MODES, wandb_api_key_configured
 
@@ -41,6 +43,17 @@ def default_precision() -> str:
 
 def checkpoint_dir(default_root_dir: str | None) -> str:
     return str(Path(default_root_dir or ".") / "checkpoints")
+
+
+def monitor_loss_without_bleu(config: Any) -> None:
+    """With `model.val_max_sentences 0` nothing is decoded and `val/bleu` never exists: the best checkpoint
+    and early stopping follow `val/loss` (lower is better) where they were left on the BLEU default, instead
+    of ModelCheckpoint failing at the first save."""
+    for key in ("checkpoint", "early_stopping"):
+        if config[key].monitor == "val/bleu":
+            config[key].monitor, config[key].mode = "val/loss", "min"
+    if "val/bleu" in (config.checkpoint.filename or ""):
+        config.checkpoint.filename = "best-step{step}-loss{val/loss:.3f}"
 
 
 def train_main(argv: list[str]) -> int:
@@ -158,6 +171,13 @@ def train_main(argv: list[str]) -> int:
             if config.trainer.enable_progress_bar is False:  # no bar: our progress callback logs lines
                 config.trainer.enable_progress_bar = True
                 config.progress.mode = "lines"
+            if config.model.get("val_max_sentences", 1) == 0:
+                monitor_loss_without_bleu(config)
+            if config.model.get("expert_parallel_size", 1) > 1 and config.trainer.strategy in ("ddp", "auto"):
+                strategy = (
+                    "nmt_moe.training.expert_parallel.ExpertParallelStrategy"  # sharded experts, checkpoints
+                )
+                config.trainer.strategy = Namespace(class_path=strategy, init_args=Namespace())
             logger = config.trainer.logger
             if not (isinstance(logger, Namespace) and logger.get("class_path", "").endswith("WandbLogger")):
                 return  # the user chose another logger (or none)

@@ -32,6 +32,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_weights_only
 from nmt_moe.moe import moe_layers
+from nmt_moe.sharded_checkpoint import full_checkpoint, is_sharded_checkpoint
 
 EXIT_NONFINITE = 3  # stopped by NonFiniteGuard
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -53,6 +54,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         if "://" in str(path):
             return super().load_checkpoint(path, weights_only=True)
+        if is_sharded_checkpoint(path):  # written under expert parallelism, resumed without it
+            return full_checkpoint(path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         checkpoint = load_weights_only(path)  # raises ModelLoadError with a one-line reason

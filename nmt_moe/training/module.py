@@ -20,7 +20,9 @@ from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.evaluation import score
 from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import collectives, moe_layers, parallel
+from nmt_moe.moe import moe_layers
+from nmt_moe.training.expert_parallel import ExpertParallelStrategy
+from nmt_moe.training.lockstep import greedy_decode_lockstep
 from nmt_moe.training.schedules import Schedule, lr_multiplier
 
 CHECKPOINT_VERSION = 1
@@ -66,7 +68,8 @@ class TranslationModule(pl.LightningModule):
             num_val_samples: sample translations kept for the W&B table after each validation.
             expert_parallel_size: split every MoE layer's experts across this many ranks (all-to-all
                 exchange; must divide the world size and num_experts; see docs/PARALLEL.md). 1 = every rank
-                holds all experts (plain data parallel). Checkpoints hold full expert tensors either way.
+                holds all experts (plain data parallel, one-file checkpoints); above 1 checkpoints are
+                sharded directories (each rank writes its own experts).
         """
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -96,7 +99,6 @@ class TranslationModule(pl.LightningModule):
             {name: MeanMetric() for name in ("loss", "nll", "acc")}
         )  # token-weighted means over an evaluation epoch, synced across ranks
         self._decoded: list[tuple[int, str]] = []  # (index in split, hypothesis)
-        self._expert_parallel: collectives.ExpertParallel | None = None  # set in configure_model
         self.val_samples: list[dict[str, str]] = []
 
     # ---- training -------------------------------------------------------------------------------------
@@ -139,55 +141,36 @@ class TranslationModule(pl.LightningModule):
         }
         return {"loss": loss, "moe": stats}  # "moe" feeds the ExpertLoadMonitor callback
 
-    # ---- expert parallelism (docs/PARALLEL.md; a no-op with expert_parallel_size=1) -----------------------
+    # ---- expert parallelism (docs/PARALLEL.md; driven by training/expert_parallel.py) ---------------------
 
-    def configure_model(self) -> None:
-        """Shard the experts once torch.distributed is up and before DDP wraps the module; DDP must neither
-        average nor broadcast the shards."""
-        if self.hparams.expert_parallel_size == 1 or self._expert_parallel is not None:
-            return
-        self._expert_parallel = collectives.init_expert_parallel(self.hparams.expert_parallel_size)
-        parallel.shard_experts(self.model, self._expert_parallel)
-        names = parallel.expert_parameter_names(self.model)
-        self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name in names]
+    @property
+    def expert_parallel_size(self) -> int:
+        """Ranks each MoE layer's experts are split over (read by `ExpertParallelStrategy`)."""
+        return self.hparams.expert_parallel_size
 
-    def on_after_backward(self) -> None:
-        if self._expert_parallel is not None:  # shard grads: sum over replicas, mean over ranks like DDP
-            collectives.finish_expert_grads(parallel.sharded_parameters(self.model), self._expert_parallel)
+    def setup(self, stage: str) -> None:
+        if self.expert_parallel_size > 1 and not isinstance(self.trainer.strategy, ExpertParallelStrategy):
+            raise RuntimeError(
+                f"expert_parallel_size={self.expert_parallel_size} needs ExpertParallelStrategy "
+                "(`nmt-moe train` picks it for --trainer.strategy ddp)"
+            )
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:  # fmt: skip
         """With sharded experts, norm clipping uses the global norm (shards' squares summed over ranks)."""
-        if self._expert_parallel is None or not gradient_clip_val or gradient_clip_algorithm == "value":
+        strategy = self.trainer.strategy
+        sharded = isinstance(strategy, ExpertParallelStrategy) and strategy.expert_parallel is not None
+        if not sharded or not gradient_clip_val or gradient_clip_algorithm == "value":
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        sharded = parallel.sharded_parameters(self.model)
-        collectives.clip_grad_norm_(params, sharded, gradient_clip_val, self._expert_parallel)
+        strategy.clip_grad_norm_(optimizer, gradient_clip_val)
 
-    def on_train_start(self) -> None:
-        if self._expert_parallel is not None:  # a resumed checkpoint holds full per-expert optimizer state
-            for optimizer in self.trainer.optimizers:
-                parallel.shard_optimizer_state(optimizer, self.model)
-
-    def on_validation_epoch_start(self) -> None:
-        self._gather_experts_for_decoding()
-
-    def on_test_epoch_start(self) -> None:
-        self._gather_experts_for_decoding()
-
-    def _gather_experts_for_decoding(self) -> None:
-        """Ranks greedy-decode different numbers of steps and could not meet in the all-to-all: each rank
-        gets the full expert bank for the evaluation epoch (memory: all experts on every rank). Without
-        decoding (val_max_sentences=0) evaluation stays sharded: every rank has as many batches."""
-        if self.hparams.val_max_sentences > 0:
-            parallel.unshard_experts(self.model)
-
-    def _reshard_experts(self) -> None:
-        if self._expert_parallel is not None:
-            parallel.shard_experts(self.model, self._expert_parallel)
+    def _experts_sharded(self) -> bool:
+        return (
+            self._trainer is not None and getattr(self.trainer.strategy, "expert_parallel", None) is not None
+        )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -220,11 +203,9 @@ class TranslationModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._evaluation_epoch_end("val", "valid")
-        self._reshard_experts()
 
     def on_test_epoch_end(self) -> None:
         self._evaluation_epoch_end("test", "test")
-        self._reshard_experts()
 
     def _evaluation_step(self, batch: dict[str, Tensor]) -> None:
         logits, _ = self(batch)  # [B, T, V]
@@ -239,17 +220,17 @@ class TranslationModule(pl.LightningModule):
         self.eval_metrics["nll"].update(nll, n_tokens)
         self.eval_metrics["acc"].update(token_accuracy(logits, target), n_tokens)
 
+        if self.hparams.val_max_sentences == 0:
+            return
         keep = (batch["index"] < self.hparams.val_max_sentences).nonzero().squeeze(1)  # [N]
+        src, src_lengths = batch["src"][keep], batch["src_lengths"][keep]
+        lengths = {"max_len_a": self.hparams.val_max_len_a, "max_len_b": self.hparams.val_max_len_b}
+        if self._experts_sharded():  # every rank joins every step's all-to-all, even with nothing to decode
+            hyp_ids = greedy_decode_lockstep(self.model, src, src_lengths, **lengths)
+        elif len(keep):
+            hyp_ids, _ = greedy_decode(self.model, src, src_lengths, **lengths)
         if len(keep) == 0:
             return
-        src, src_lengths = batch["src"][keep], batch["src_lengths"][keep]
-        hyp_ids, _ = greedy_decode(
-            self.model,
-            src,
-            src_lengths,
-            max_len_a=self.hparams.val_max_len_a,
-            max_len_b=self.hparams.val_max_len_b,
-        )
         hypotheses = self._tokenizer().decode(hyp_ids)
         self._decoded += zip(batch["index"][keep].tolist(), hypotheses, strict=True)
 
@@ -294,21 +275,14 @@ class TranslationModule(pl.LightningModule):
             "model_config": self.model.config,
             "tokenizer": self._tokenizer().to_bytes(),
         }
-        if self._expert_parallel is not None:  # full expert tensors: the checkpoint fits any layout
-            parallel.gather_expert_state(checkpoint["state_dict"], self.model, prefix="model.")
-            states = checkpoint.get("optimizer_states", [])  # absent from weights-only checkpoints
-            for state, optimizer in zip(states, self.trainer.optimizers[: len(states)], strict=True):
-                parallel.gather_optimizer_state(state, optimizer, self.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model or vocabulary (one-line error instead of a size-mismatch
-        traceback); slice its full expert tensors to this rank's shards (re-sharding to any layout)."""
+        traceback). Expert shards are the strategy's business (training/expert_parallel.py)."""
         trainer = self._trainer  # None under load_from_checkpoint
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         where = getattr(trainer, "ckpt_path", None) or "checkpoint"
         check_resumable(checkpoint, self.model, tokenizer, where)
-        if self._expert_parallel is not None:
-            parallel.shard_expert_state(checkpoint["state_dict"], self.model, prefix="model.")
 
     def _tokenizer(self) -> Tokenizer:
         datamodule = getattr(self.trainer, "datamodule", None)
