@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -108,3 +111,39 @@ def test_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr and "missing" in run.stderr
+
+
+def _late_bad_utf8(tmp_path: Path) -> list[str]:
+    """A corpus whose line 1501 is invalid UTF-8: found while reading, after progress was printed."""
+    prefix = write_corpus(tmp_path / "corpus", "late", 2000, seed=0)
+    src = Path(f"{prefix}.en")
+    lines = src.read_bytes().splitlines()
+    lines[1500] = b"bad \xff byte"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    return ["--train", prefix, "--vocab_size", "100"]
+
+
+def _late_vocab_too_large(tmp_path: Path) -> list[str]:
+    """A vocabulary the data cannot fill: found by SentencePiece, after reading and cleaning."""
+    return ["--train", write_corpus(tmp_path / "corpus", "small", 300, seed=0), "--vocab_size", "30000"]
+
+
+@pytest.mark.parametrize(
+    ("make_flags", "message"),
+    [(_late_bad_utf8, "late.en:1501: invalid UTF-8"), (_late_vocab_too_large, "too large")],
+)
+def test_errors_after_progress_leave_one_line_on_stderr(
+    tmp_path: Path, make_flags: Any, message: str
+) -> None:
+    """Progress goes to stdout; a late failure still exits 2 with stderr exactly one error line."""
+    flags = ["--src_lang", "en", "--tgt_lang", "de", *make_flags(tmp_path), "--spm_model_type", "bpe"]
+    run = subprocess.run(
+        [sys.executable, "-m", "nmt_moe.cli", "prepare", *flags, "--cache_dir", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: ") and message in lines[0], lines
+    assert "building " in run.stdout  # the failure came after progress output
