@@ -155,11 +155,13 @@ def phase_memory(timeline: list[dict[str, Any]], log: list[tuple[float, str]], w
 
 
 def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run `command`, sampling its tree's memory every 0.5 s and timestamping its output lines (prepare
-    logs progress on stdout). `max_process_rss_bytes` is the kernel's high-water RSS of the largest
-    process in the tree (getrusage); the tree's PSS shares pages that forked workers share out once."""
+    """Run `command`, sampling its tree's memory every 0.5 s, timestamping its output lines (prepare logs
+    progress on stdout) and taking its tree's CPU time. `max_process_rss_bytes` is the kernel's high-water
+    RSS of the largest process in the tree (getrusage); the tree's PSS shares out pages that forked
+    workers share."""
     import resource
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log: list[tuple[float, str]] = []
@@ -185,9 +187,12 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
     peak = {
         name: max((s["tree"][name] for s in timeline), default=0) for name in ("rss", "anon", "file", "pss")
     }
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
         "returncode": proc.returncode,
         "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 1),  # user + system over the tree: what the load average cannot inflate
         "max_process_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         **{f"peak_tree_{name}_bytes": value for name, value in peak.items()},
         "max_process_anon_bytes": max((s["max_anon"] for s in timeline), default=0),
