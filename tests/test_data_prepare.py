@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -128,15 +127,9 @@ def _late_vocab_too_large(tmp_path: Path) -> list[str]:
     return ["--train", write_corpus(tmp_path / "corpus", "small", 300, seed=0), "--vocab_size", "30000"]
 
 
-@pytest.mark.parametrize(
-    ("make_flags", "message"),
-    [(_late_bad_utf8, "late.en:1501: invalid UTF-8"), (_late_vocab_too_large, "too large")],
-)
-def test_errors_after_progress_leave_one_line_on_stderr(
-    tmp_path: Path, make_flags: Any, message: str
-) -> None:
-    """Progress goes to stdout; a late failure still exits 2 with stderr exactly one error line."""
-    flags = ["--src_lang", "en", "--tgt_lang", "de", *make_flags(tmp_path), "--spm_model_type", "bpe"]
+def test_late_error_through_the_entry_point_leaves_one_stderr_line(tmp_path: Path) -> None:
+    """Progress goes to stdout; invalid UTF-8 found mid-corpus still exits 2 with one stderr line."""
+    flags = ["--src_lang", "en", "--tgt_lang", "de", *_late_bad_utf8(tmp_path), "--spm_model_type", "bpe"]
     run = subprocess.run(
         [sys.executable, "-m", "nmt_moe.cli", "prepare", *flags, "--cache_dir", str(tmp_path / "cache")],
         capture_output=True,
@@ -145,5 +138,18 @@ def test_errors_after_progress_leave_one_line_on_stderr(
     )
     assert run.returncode == 2
     lines = run.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: ") and message in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: "), lines
+    assert "late.en:1501: invalid UTF-8" in lines[0]
     assert "building " in run.stdout  # the failure came after progress output
+
+
+def test_error_inside_sentencepiece_leaves_one_stderr_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A vocabulary too large is found by SentencePiece, after reading, cleaning and progress bars."""
+    flags = ["--src_lang", "en", "--tgt_lang", "de", *_late_vocab_too_large(tmp_path)]
+    assert prepare_main([*flags, "--spm_model_type", "bpe", "--cache_dir", str(tmp_path / "cache")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: ") and "too large" in lines[0]
+    assert "training SentencePiece" in captured.out and "drop empty pairs" in captured.out
