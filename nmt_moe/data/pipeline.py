@@ -9,6 +9,8 @@ input files finds it by key and neither retrains SentencePiece nor re-encodes. T
     summary.json     counts per filter, vocab size, tokens per side; written last, marks the cache complete
 
 Ids are stored as uint16 when the vocabulary fits (<= 65,536 pieces), int32 otherwise; lengths as int32.
+SentencePiece, the memory peak, trains from a sample file with the training corpus unmapped, so its
+heap is the whole peak (docs/DATA.md).
 Several builders of one key (DDP ranks, parallel jobs) take a file lock: one builds into a temporary
 directory and renames it into place, the others wait and reuse it; a finished cache is never deleted.
 """
