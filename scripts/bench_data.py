@@ -110,40 +110,95 @@ def _memory(pids: list[int]) -> dict[str, int]:
     return total
 
 
+PHASES = (  # prepare's log line that starts each phase (the first phase starts at launch)
+    ("start-up", ""),
+    ("read + clean", "building "),
+    ("SentencePiece sample", "sampling SentencePiece"),
+    ("SentencePiece training", "training SentencePiece"),
+    ("encode + save + report", "vocab of "),
+)
+
+
+def _sample(pids: list[int], at: float) -> dict[str, Any]:
+    """One memory sample: the tree's sums, and each process's own RSS split into anon and file."""
+    each = {pid: _memory([pid]) for pid in pids}
+    largest = max(each, key=lambda pid: each[pid]["rss"]) if each else 0
+    tree = {name: sum(m[name] for m in each.values()) for name in ("rss", "anon", "file", "pss")}
+    max_anon = max((m["anon"] for m in each.values()), default=0)
+    largest_process = {"pid": largest, **each.get(largest, {})}
+    return {"t": at, "tree": tree, "largest": largest_process, "max_anon": max_anon, "procs": len(each)}
+
+
+def phase_memory(timeline: list[dict[str, Any]], log: list[tuple[float, str]], wall: float) -> dict[str, Any]:
+    """Per phase of prepare (PHASES, from its log's timestamps): seconds, and the peaks over the samples
+    taken in it of the largest process's RSS/anon/file and of the tree's PSS and anon."""
+    starts = [0.0]
+    for _, marker in PHASES[1:]:
+        hits = [t for t, line in log if line.startswith(marker)]
+        starts.append(hits[0] if hits else starts[-1])
+    bounds = [*starts, wall]
+    out: dict[str, Any] = {}
+    for index, (name, _) in enumerate(PHASES):
+        inside = [s for s in timeline if bounds[index] <= s["t"] < bounds[index + 1]]
+        out[name] = {
+            "seconds": round(bounds[index + 1] - bounds[index], 1),
+            "samples": len(inside),
+            **{
+                f"largest_process_{kind}_bytes": max((s["largest"].get(kind, 0) for s in inside), default=0)
+                for kind in ("rss", "anon", "file")
+            },
+            "tree_pss_bytes": max((s["tree"]["pss"] for s in inside), default=0),
+            "tree_anon_bytes": max((s["tree"]["anon"] for s in inside), default=0),
+            "max_processes": max((s["procs"] for s in inside), default=0),
+        }
+    return out
+
+
 def run_measured(command: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run `command`, sampling its tree's memory every 0.5 s (each kind's peak on its own) and
-    timestamping its stderr lines; `max_process_rss_bytes` is the largest single process's peak RSS."""
+    """Run `command`, sampling its tree's memory every 0.5 s, timestamping its output lines (prepare logs
+    progress on stdout) and taking its tree's CPU time. `max_process_rss_bytes` is the kernel's high-water
+    RSS of the largest process in the tree (getrusage); the tree's PSS shares out pages that forked
+    workers share."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log: list[tuple[float, str]] = []
+    errors: list[str] = []
 
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            log.append((round(time.perf_counter() - start, 2), line.rstrip()))
+    def read(stream: Any, into: list) -> None:  # noqa: ANN401
+        for line in stream:
+            into.append((round(time.perf_counter() - start, 2), line.rstrip()))
 
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    peak = {"rss": 0, "anon": 0, "file": 0, "pss": 0}
-    largest_anon = 0  # one process's heap: the tree sum counts forked workers' shared pages again
+    readers = [
+        threading.Thread(target=read, args=(proc.stdout, log), daemon=True),
+        threading.Thread(target=read, args=(proc.stderr, errors), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    timeline = []
     while proc.poll() is None:
-        pids = _children(proc.pid)
-        for name, value in _memory(pids).items():
-            peak[name] = max(peak[name], value)
-        largest_anon = max([largest_anon, *(_memory([pid])["anon"] for pid in pids)])
+        timeline.append(_sample(_children(proc.pid), round(time.perf_counter() - start, 2)))
         time.sleep(0.5)
-    stdout = proc.stdout.read() if proc.stdout else ""
-    reader.join(5)
-    import resource
-
+    wall = time.perf_counter() - start
+    for reader in readers:
+        reader.join(5)
+    peak = {
+        name: max((s["tree"][name] for s in timeline), default=0) for name in ("rss", "anon", "file", "pss")
+    }
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
         "returncode": proc.returncode,
-        "wall_seconds": round(time.perf_counter() - start, 2),
-        **{f"peak_tree_{name}_bytes": value for name, value in peak.items()},
-        "max_process_anon_bytes": largest_anon,
+        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 1),  # user + system over the tree: what the load average cannot inflate
         "max_process_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-        "stdout": stdout,
+        **{f"peak_tree_{name}_bytes": value for name, value in peak.items()},
+        "max_process_anon_bytes": max((s["max_anon"] for s in timeline), default=0),
+        "phases": phase_memory(timeline, log, wall),
         "log": log,
+        "stderr": errors,
     }
 
 
@@ -229,7 +284,7 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     }
     built = run_measured(command, env)
     if built["returncode"] != 0:
-        raise SystemExit(f"prepare failed: {built['log'][-3:]}")
+        raise SystemExit(f"prepare failed: {built['stderr'][-3:]}")
     out["loadavg_after_prepare"] = [round(x, 2) for x in os.getloadavg()]
     summary = json.loads(summary_json.read_text())
     key_dir = Path(summary["cache_dir"])

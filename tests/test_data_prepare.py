@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,46 @@ def test_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     )
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr and "missing" in run.stderr
+
+
+def _late_bad_utf8(tmp_path: Path) -> list[str]:
+    """A corpus whose line 1501 is invalid UTF-8: found while reading, after progress was printed."""
+    prefix = write_corpus(tmp_path / "corpus", "late", 2000, seed=0)
+    src = Path(f"{prefix}.en")
+    lines = src.read_bytes().splitlines()
+    lines[1500] = b"bad \xff byte"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    return ["--train", prefix, "--vocab_size", "100"]
+
+
+def _late_vocab_too_large(tmp_path: Path) -> list[str]:
+    """A vocabulary the data cannot fill: found by SentencePiece, after reading and cleaning."""
+    return ["--train", write_corpus(tmp_path / "corpus", "small", 300, seed=0), "--vocab_size", "30000"]
+
+
+def test_late_error_through_the_entry_point_leaves_one_stderr_line(tmp_path: Path) -> None:
+    """Progress goes to stdout; invalid UTF-8 found mid-corpus still exits 2 with one stderr line."""
+    flags = ["--src_lang", "en", "--tgt_lang", "de", *_late_bad_utf8(tmp_path), "--spm_model_type", "bpe"]
+    run = subprocess.run(
+        [sys.executable, "-m", "nmt_moe.cli", "prepare", *flags, "--cache_dir", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: "), lines
+    assert "late.en:1501: invalid UTF-8" in lines[0]
+    assert "building " in run.stdout  # the failure came after progress output
+
+
+def test_error_inside_sentencepiece_leaves_one_stderr_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A vocabulary too large is found by SentencePiece, after reading, cleaning and progress bars."""
+    flags = ["--src_lang", "en", "--tgt_lang", "de", *_late_vocab_too_large(tmp_path)]
+    assert prepare_main([*flags, "--spm_model_type", "bpe", "--cache_dir", str(tmp_path / "cache")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: ") and "too large" in lines[0]
+    assert "training SentencePiece" in captured.out and "drop empty pairs" in captured.out

@@ -52,27 +52,36 @@ def _not_empty(batch: dict[str, list[str]]) -> list[bool]:
     return [bool(s.strip()) and bool(t.strip()) for s, t in zip(batch["src"], batch["tgt"], strict=True)]
 
 
-def _pair_hash(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+def _pair_hash(batch: dict[str, list[str]]) -> dict[str, list[int]]:
+    """A 128-bit BLAKE2b digest of each `source<TAB>target`, as two int64 halves (numpy-sortable)."""
+    digests = [
+        hashlib.blake2b(f"{s}\t{t}".encode(), digest_size=16).digest()
+        for s, t in zip(batch["src"], batch["tgt"], strict=True)
+    ]
     return {
-        "pair_hash": [
-            hashlib.blake2b(f"{s}\t{t}".encode(), digest_size=16).hexdigest()
-            for s, t in zip(batch["src"], batch["tgt"], strict=True)
-        ]
+        "hash_hi": [int.from_bytes(d[:8], "little", signed=True) for d in digests],
+        "hash_lo": [int.from_bytes(d[8:], "little", signed=True) for d in digests],
     }
+
+
+HASH_FEATURES = datasets.Features({"hash_hi": datasets.Value("int64"), "hash_lo": datasets.Value("int64")})
 
 
 def normalize(ds: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
     return ds.map(_normalize_batch, batched=True, num_proc=num_proc, desc="normalize whitespace")
 
 
-def _first_occurrences(hashes: list[str]) -> list[int]:
-    seen: set[str] = set()
-    keep = []
-    for index, value in enumerate(hashes):
-        if value not in seen:
-            seen.add(value)
-            keep.append(index)
-    return keep
+def first_occurrences(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Ascending indices [K] of the first row of each distinct (hi, lo) pair among rows [N].
+
+    A stable sort puts equal pairs next to each other in row order, so each run's first element is
+    the earliest occurrence; then the kept rows are put back in corpus order.
+    """
+    order = np.lexsort((lo, hi))  # [N] stable: ties keep row order
+    ordered_hi, ordered_lo = hi[order], lo[order]
+    starts = np.ones(len(order), dtype=bool)  # [N] first of its run in sorted order
+    starts[1:] = (ordered_hi[1:] != ordered_hi[:-1]) | (ordered_lo[1:] != ordered_lo[:-1])
+    return np.sort(order[starts])
 
 
 def clean_text(
@@ -89,9 +98,15 @@ def clean_text(
     if config.dedup:
         before = len(ds)
         hashes = ds.map(
-            _pair_hash, batched=True, num_proc=num_proc, remove_columns=ds.column_names, desc="hash pairs"
+            _pair_hash,
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=ds.column_names,
+            features=HASH_FEATURES,
+            desc="hash pairs",
         )
-        ds = ds.select(_first_occurrences(hashes["pair_hash"]))
+        digest = read_columns(hashes, ["hash_hi", "hash_lo"])
+        ds = ds.select(first_occurrences(digest["hash_hi"], digest["hash_lo"]))
         dropped["duplicate"] = before - len(ds)
     return ds, dropped
 

@@ -9,17 +9,22 @@ input files finds it by key and neither retrains SentencePiece nor re-encodes. T
     summary.json     counts per filter, vocab size, tokens per side; written last, marks the cache complete
 
 Ids are stored as uint16 when the vocabulary fits (<= 65,536 pieces), int32 otherwise; lengths as int32.
+SentencePiece, the memory peak, trains from a sample file with the training corpus unmapped, so its
+heap is the whole peak (docs/DATA.md).
 Several builders of one key (DDP ranks, parallel jobs) take a file lock: one builds into a temporary
 directory and renames it into place, the others wait and reuse it; a finished cache is never deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +33,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from filelock import FileLock, Timeout
 
 from nmt_moe.data.cleaning import CleaningConfig, clean_text, filter_lengths, normalize
@@ -199,26 +205,59 @@ def load_split(
     return None
 
 
-def _column_text(ds: datasets.Dataset, columns: tuple[str, ...]) -> Iterator[str]:
-    for batch in ds.select_columns(list(columns)).iter(batch_size=10_000):
+def _column_arrays(ds: datasets.Dataset, columns: tuple[str, ...]) -> Iterator[pa.Array]:
+    """The text of `columns` as Arrow arrays, 10,000 rows at a time (each batch: column after column)."""
+    for batch in ds.select_columns(list(columns)).with_format("arrow").iter(batch_size=10_000):
         for column in columns:
-            yield from batch[column]
+            yield batch.column(column).combine_chunks()
 
 
-def spm_sample(ds: datasets.Dataset, columns: tuple[str, ...], size: int, seed: int) -> Iterator[str]:
-    """At most `size` sentences of `columns` for SentencePiece, drawn uniformly without replacement.
+def _sample_arrays(
+    ds: datasets.Dataset, columns: tuple[str, ...], size: int, seed: int
+) -> Iterator[pa.Array]:
+    """At most `size` sentences of `columns`, drawn uniformly without replacement, as Arrow arrays.
 
     Row indices are drawn with numpy and only those rows are read from Arrow, so a corpus much larger
     than the sample never passes through Python; a corpus that fits is streamed whole.
     """
     rows = len(ds)
     if size <= 0 or rows * len(columns) <= size:
-        yield from _column_text(ds, columns)
+        yield from _column_arrays(ds, columns)
         return
     picked = np.sort(np.random.default_rng(seed).choice(rows * len(columns), size, replace=False))  # [size]
     for offset, column in enumerate(columns):
         chosen = picked[(picked >= offset * rows) & (picked < (offset + 1) * rows)] - offset * rows
-        yield from _column_text(ds.select_columns([column]).select(chosen), (column,))
+        yield from _column_arrays(ds.select_columns([column]).select(chosen), (column,))
+
+
+def spm_sample(ds: datasets.Dataset, columns: tuple[str, ...], size: int, seed: int) -> Iterator[str]:
+    """The SentencePiece sample (see `_sample_arrays`) as Python strings, in the order it is drawn."""
+    for array in _sample_arrays(ds, columns, size, seed):
+        yield from array.to_pylist()
+
+
+SAMPLE_SCHEMA = pa.schema([("text", pa.large_string())])
+
+
+def write_spm_sample(ds: datasets.Dataset, columns: tuple[str, ...], size: int, seed: int, path: Path) -> int:
+    """Write the SentencePiece sample to an Arrow stream file at `path`; returns its sentence count.
+
+    On disk the sample costs no memory while SentencePiece trains, and the corpus can be unmapped
+    first (its pages read by the draw would otherwise stay in RSS); Arrow keeps any text exactly.
+    """
+    count = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, SAMPLE_SCHEMA) as writer:
+        for array in _sample_arrays(ds, columns, size, seed):
+            writer.write_batch(pa.record_batch([array.cast(pa.large_string())], schema=SAMPLE_SCHEMA))
+            count += len(array)
+    return count
+
+
+def read_spm_sample(path: Path) -> Iterator[str]:
+    """The sentences of a `write_spm_sample` file, one record batch (<= 10,000 rows) in memory at a time."""
+    with pa.OSFile(str(path)) as source, pa.ipc.open_stream(source) as reader:
+        for batch in reader:
+            yield from batch.column(0).to_pylist()
 
 
 def _encode_batch(
@@ -237,9 +276,27 @@ def _encode_batch(
     }
 
 
-def _train_tokenizers(config: PipelineConfig, train: datasets.Dataset) -> tuple[Tokenizer, Tokenizer]:
+def _write_samples(config: PipelineConfig, train: datasets.Dataset, folder: Path) -> list[Path]:
+    """The SentencePiece sample files: one joint file, or a source and a target file (seeds s, s+1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size, seed = config.spm_input_sentence_size, config.spm_seed
+    sides = [("joint", ("src", "tgt"), seed)] if config.joint_vocab else [("src", ("src",), seed)]
+    if not config.joint_vocab:
+        sides.append(("tgt", ("tgt",), seed + 1))
+    paths = []
+    for name, columns, side_seed in sides:
+        path = folder / f"{name}.arrows"
+        count = write_spm_sample(train, columns, size, side_seed, path)
+        log.info("SentencePiece sample %s: %d sentences", name, count)
+        paths.append(path)
+    return paths
+
+
+def _train_tokenizers(config: PipelineConfig, samples: list[Path]) -> tuple[Tokenizer, Tokenizer]:
+    """One tokenizer per sample file (`_write_samples`); joint: the same one for both sides."""
     symbols = [lang_token(lang) for lang in config.tgt_langs] if config.tags_target else []
     kwargs = {
+        "vocab_size": config.vocab_size,
         "model_type": config.spm_model_type,
         "character_coverage": config.character_coverage,
         "byte_fallback": config.byte_fallback,
@@ -247,19 +304,10 @@ def _train_tokenizers(config: PipelineConfig, train: datasets.Dataset) -> tuple[
         "num_threads": config.spm_num_threads,
         "seed": config.spm_seed,
     }
-    size, seed = config.spm_input_sentence_size, config.spm_seed
+    src = train_tokenizer(read_spm_sample(samples[0]), user_defined_symbols=symbols, **kwargs)
     if config.joint_vocab:
-        joint = train_tokenizer(
-            spm_sample(train, ("src", "tgt"), size, seed),
-            config.vocab_size,
-            user_defined_symbols=symbols,
-            **kwargs,
-        )
-        return joint, joint
-    src = train_tokenizer(
-        spm_sample(train, ("src",), size, seed), config.vocab_size, user_defined_symbols=symbols, **kwargs
-    )
-    return src, train_tokenizer(spm_sample(train, ("tgt",), size, seed + 1), config.vocab_size, **kwargs)
+        return src, src
+    return src, train_tokenizer(read_spm_sample(samples[1]), **kwargs)
 
 
 def encoded_features(text_features: datasets.Features, keep_text: bool, vocab_size: int) -> datasets.Features:
@@ -309,6 +357,23 @@ def _split_summary(saved: Path, pairs_in: int, dropped: dict[str, int]) -> dict[
     }
 
 
+@contextlib.contextmanager
+def _unmapped(splits: dict[str, Any], name: str) -> Iterator[None]:
+    """Close `splits[name]`'s memory-mapped Arrow files for the block, then reopen them in its place.
+
+    Pages of a mapped file that were read stay in the process's RSS while it is mapped; dropping the
+    dataset unmaps them. A dataset backed by files pickles as their paths (a few KB), so the same
+    dataset comes back; one held in memory pickles whole and loses nothing.
+    """
+    reopen = pickle.dumps(splits[name])
+    splits[name] = None
+    gc.collect()  # the tables' last references may sit in cycles
+    try:
+        yield
+    finally:
+        splits[name] = pickle.loads(reopen)
+
+
 def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str, Any]:
     work = out / "work"
     log.info("building %s", out)
@@ -321,7 +386,7 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
     if raw.get("train") is None or len(raw["train"]) == 0:
         raise ValueError("the training corpus is empty")
 
-    text: dict[str, datasets.Dataset] = {}
+    text: dict[str, Any] = {}  # split -> datasets.Dataset (None while unmapped)
     filters: dict[str, dict[str, int]] = {}
     for split, ds in raw.items():
         assert ds is not None
@@ -335,8 +400,11 @@ def _build(config: PipelineConfig, out: Path, num_proc: int | None) -> dict[str,
     pairs_in = {split: len(ds) for split, ds in raw.items() if ds is not None}
     del raw, ds  # unmap the raw text: its pages would otherwise stay in RSS through SentencePiece
 
-    log.info("training SentencePiece on %d pairs", len(text["train"]))
-    src_tok, tgt_tok = _train_tokenizers(config, text["train"])
+    log.info("sampling SentencePiece sentences from %d pairs", len(text["train"]))
+    samples = _write_samples(config, text["train"], work / "spm")
+    with _unmapped(text, "train"):  # SentencePiece's peak without the corpus pages the draw read
+        log.info("training SentencePiece")
+        src_tok, tgt_tok = _train_tokenizers(config, samples)
     if config.joint_vocab:
         src_tok.save(out / "tokenizer.model")
     else:

@@ -10,10 +10,12 @@ config or a file of data settings alone) and/or flags named after `TranslationDa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,24 @@ def _error(error: BaseException) -> int:
     return 2
 
 
+@contextlib.contextmanager
+def _progress_on_stdout() -> Iterator[None]:
+    """Progress (our log lines, `datasets`' progress bars, library warnings) goes to stdout, beside the
+    summary, so that stderr holds nothing but the one error line of a failed run, however late it fails."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(sys.stdout):
+            yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def prepare_main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -99,13 +119,13 @@ def prepare_main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except (*BAD_INPUT, ArgumentError) as error:
         return _error(error)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     init = {k: v for k, v in vars(args).items() if k not in ("config", "summary_json", "__path__")}
     start = time.perf_counter()
     try:
-        dm = TranslationDataModule(**init)
-        dm.prepare_data()
-        dm.setup("fit")
+        with _progress_on_stdout():
+            dm = TranslationDataModule(**init)
+            dm.prepare_data()
+            dm.setup("fit")
     except BAD_INPUT as error:
         return _error(error)
     summary = summarize(dm, time.perf_counter() - start)
