@@ -129,7 +129,10 @@ def _optimizer_shard_states(
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) in owner and index in optimizer_state["state"]:
-                yield optimizer_state["state"][index], owner[id(p)]
+                # state_dict() shares each entry with the live optimizer.state: copy it, or a checkpoint's
+                # gathered [E, ...] moments would replace the live shard's and break the next step
+                entry = optimizer_state["state"][index] = dict(optimizer_state["state"][index])
+                yield entry, owner[id(p)]
             index += 1
 
 
