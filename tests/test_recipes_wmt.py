@@ -301,7 +301,7 @@ def test_reduced_run_learns_with_balanced_experts(
     recipe: Path, tgt: str, tmp_path: Path, multi30k: Path
 ) -> None:
     """config.yaml + reduced.yaml through run.sh --reduced on 100k WMT-shaped pairs from Multi30k: prepare,
-    400 training steps with 5 validations, average of the 5 best, export, beam search on 1000 test
+    250 training steps with 5 validations, average of the 5 best, export, beam search on 1000 test
     sentences, BLEU. About 10-15 minutes each on a shared 2-core CPU."""
     data = tmp_path / "data"
     make = subprocess.run(

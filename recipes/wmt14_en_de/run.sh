@@ -10,7 +10,7 @@
 #   --variant hier2048 (config.yaml, 2048 experts, 8.7B parameters) or flat32 (config_flat32.yaml).
 #   --smoke   the same recipe with tiny sizes (smoke.yaml) on CPU: checks a few hundred lines of local data
 #             in WMT layout go through every step. Needs DATA_DIR to hold the files.
-#   --reduced the recipe as written with reduced.yaml's sizes (64 experts, 128-wide layers, 400 steps) on
+#   --reduced the recipe as written with reduced.yaml's sizes (64 experts, 128-wide layers, 250 steps) on
 #             CPU, for ~100k pairs in WMT layout (make_reduced_data.py builds them from Multi30k); prints
 #             the expert load per MoE layer after training (expert_load.py). Needs DATA_DIR to hold the files.
 #   TRAIN_ARGS are passed to `nmt-moe train fit` after the configs (e.g. --trainer.max_steps 1000).
@@ -78,7 +78,7 @@ elif $reduced; then
   [[ "$variant" == hier2048 ]] || { echo "run.sh: --reduced goes with --variant hier2048" >&2; exit 2; }
   configs+=(--config "$RECIPE_DIR/reduced.yaml")
   # Data settings for ~100k short pairs on 2 CPU cores (prepare reads one config: given as flags too).
-  data_settings+=(vocab_size 8000 max_tokens 4096 num_workers 0 num_proc 2)
+  data_settings+=(vocab_size 4000 max_tokens 2048 num_workers 0 num_proc 2)
   wandb=off  # the CSV log, which expert_load.py reads
   BEAM=5
 elif [[ -n "${TRAIN_LAUNCHER:-}" ]]; then
