@@ -62,3 +62,31 @@ def test_drives_lambda_lr_per_optimizer_step() -> None:
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         lr_multiplier(**kwargs)
+
+
+def test_hold_keeps_the_peak_then_inverse_sqrt_from_the_end_of_the_hold() -> None:
+    """Shazeer et al. (2017), appendix E: linear warm-up over 2000 steps, constant for 8000 more, then
+    proportional to the inverse square root of the step."""
+    f = lr_multiplier("inverse_sqrt", warmup_steps=2000, hold_steps=8000)
+    assert f(999) == pytest.approx(0.5)
+    assert [f(s) for s in (1999, 2000, 5000, 9999)] == [1.0, 1.0, 1.0, 1.0]
+    assert f(39_999) == pytest.approx(0.5)  # sqrt(10000 / 40000)
+    assert f(10_000) < 1.0
+    cosine = lr_multiplier("cosine", warmup_steps=10, max_steps=110, hold_steps=50)
+    assert cosine(59) == 1.0 and cosine(110) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="hold_steps"):
+        lr_multiplier("inverse_sqrt", warmup_steps=10, hold_steps=-1)
+    with pytest.raises(ValueError, match="max_steps"):
+        lr_multiplier("cosine", warmup_steps=10, max_steps=50, hold_steps=50)
+
+
+def test_the_module_passes_hold_steps_to_its_scheduler() -> None:
+    from nmt_moe.models import Seq2Seq
+    from nmt_moe.training.module import TranslationModule
+
+    model = Seq2Seq(vocab_size=16, embed_dim=8, hidden_size=8, num_experts=2, k=1)
+    module = TranslationModule(model, lr=1.0, warmup_steps=2, hold_steps=3)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert [scheduler.lr_lambdas[0](s) for s in range(7)] == pytest.approx(
+        [0.5, 1.0, 1.0, 1.0, 1.0, math.sqrt(5 / 6), math.sqrt(5 / 7)]
+    )

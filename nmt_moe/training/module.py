@@ -40,6 +40,7 @@ class TranslationModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         weight_decay: float = 0.0,
         warmup_steps: int = 1000,
+        hold_steps: int = 0,
         schedule: Schedule = "inverse_sqrt",
         max_steps: int | None = None,
         min_lr_ratio: float = 0.0,
@@ -59,6 +60,8 @@ class TranslationModule(pl.LightningModule):
             lr: peak learning rate, reached at the end of warm-up.
             betas: Adam's betas (unused by Adafactor).
             warmup_steps: optimizer steps of linear warm-up.
+            hold_steps: optimizer steps at the peak rate after warm-up, before the decay (the paper's
+                WMT schedule: 2000 warm-up, 8000 hold, then inverse square root).
             schedule: decay after warm-up: "inverse_sqrt", "cosine" (to `min_lr_ratio * lr` at `max_steps`)
                 or "constant".
             max_steps: end of the cosine schedule; defaults to the trainer's total optimizer steps.
@@ -87,7 +90,9 @@ class TranslationModule(pl.LightningModule):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
         # Check the schedule now, not at the first step (cosine without max_steps uses the trainer's total).
-        lr_multiplier(schedule, warmup_steps, max_steps or warmup_steps + 1, min_lr_ratio)
+        lr_multiplier(
+            schedule, warmup_steps, max_steps or warmup_steps + hold_steps + 1, min_lr_ratio, hold_steps
+        )
         # Hyper-parameters hold primitives only, so checkpoints load with weights_only=True: the model is
         # stored as the class_path/init_args form LightningCLI parses.
         self.save_hyperparameters(ignore=["model"])
@@ -189,7 +194,9 @@ class TranslationModule(pl.LightningModule):
         max_steps = hp.max_steps
         if hp.schedule == "cosine" and max_steps is None:
             max_steps = int(self.trainer.estimated_stepping_batches)
-        multiplier = lr_multiplier(hp.schedule, hp.warmup_steps, max_steps, hp.min_lr_ratio)
+        multiplier = lr_multiplier(
+            hp.schedule, hp.warmup_steps, max_steps, hp.min_lr_ratio, hp.get("hold_steps", 0)
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

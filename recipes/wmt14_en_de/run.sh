@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # WMT'14 English->German (Shazeer et al. 2017 setup): prepare -> train -> average -> export -> translate -> score.
 #
-# Usage: recipes/wmt14_en_de/run.sh [--smoke] [--variant hier2048|flat32] [DATA_DIR [OUT_DIR]] [-- TRAIN_ARGS...]
+# Usage: recipes/wmt14_en_de/run.sh [--smoke|--reduced] [--variant hier2048|flat32] [DATA_DIR [OUT_DIR]] [-- TRAIN_ARGS...]
 #   DATA_DIR  local corpus in WMT layout: train.en train.de newstest2013.en newstest2013.de newstest2014.en
 #             newstest2014.de (default ../shared/data/wmt14_en_de). Without train.en there, training reads
 #             the HF hub set wmt/wmt14 (de-en) and the test set is written to OUT_DIR/data for scoring.
@@ -10,6 +10,9 @@
 #   --variant hier2048 (config.yaml, 2048 experts, 8.7B parameters) or flat32 (config_flat32.yaml).
 #   --smoke   the same recipe with tiny sizes (smoke.yaml) on CPU: checks a few hundred lines of local data
 #             in WMT layout go through every step. Needs DATA_DIR to hold the files.
+#   --reduced the recipe as written with reduced.yaml's sizes (64 experts, 128-wide layers, 250 steps) on
+#             CPU, for ~100k pairs in WMT layout (make_reduced_data.py builds them from Multi30k); prints
+#             the expert load per MoE layer after training (expert_load.py). Needs DATA_DIR to hold the files.
 #   TRAIN_ARGS are passed to `nmt-moe train fit` after the configs (e.g. --trainer.max_steps 1000).
 #   Environment: WANDB=auto|online|offline|off (default auto); TRAIN_LAUNCHER (e.g. srun) and NUM_NODES for
 #   multi-node training.
@@ -36,6 +39,7 @@ BETA=0.2
 AVERAGE_N=5
 
 smoke=false
+reduced=false
 variant=hier2048
 positional=()
 train_args=()
@@ -44,7 +48,8 @@ while (($#)); do
     --smoke) smoke=true ;;
     --variant) variant="$2"; shift ;;
     --) shift; train_args=("$@"); break ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --reduced) reduced=true ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "run.sh: unknown option $1" >&2; exit 2 ;;
     *) positional+=("$1") ;;
   esac
@@ -69,6 +74,13 @@ if $smoke; then
   wandb=off
   BEAM=4
   AVERAGE_N=2
+elif $reduced; then
+  [[ "$variant" == hier2048 ]] || { echo "run.sh: --reduced goes with --variant hier2048" >&2; exit 2; }
+  configs+=(--config "$RECIPE_DIR/reduced.yaml")
+  # Data settings for ~100k short pairs on 2 CPU cores (prepare reads one config: given as flags too).
+  data_settings+=(vocab_size 4000 max_tokens 2048 num_workers 0 num_proc 2)
+  wandb=off  # the CSV log, which expert_load.py reads
+  BEAM=5
 elif [[ -n "${TRAIN_LAUNCHER:-}" ]]; then
   read -r -a launcher <<<"$TRAIN_LAUNCHER"
   train_args=(--trainer.num_nodes "${NUM_NODES:-1}" "${train_args[@]}")
@@ -78,8 +90,8 @@ fi
 if [[ -f "$DATA/train.$SRC" && -f "$DATA/train.$TGT" ]]; then
   data_settings+=(train "$DATA/train" valid "$DATA/newstest2013" test "$DATA/newstest2014")
   TEST="$DATA/newstest2014"
-elif $smoke; then
-  echo "run.sh --smoke: expected $DATA/train.$SRC and $DATA/train.$TGT (WMT layout)" >&2
+elif $smoke || $reduced; then
+  echo "run.sh --smoke/--reduced: expected $DATA/train.$SRC and $DATA/train.$TGT (WMT layout)" >&2
   exit 2
 else
   TEST="$OUT/data/newstest2014"
@@ -116,6 +128,11 @@ echo "== train"
 echo "== average the $AVERAGE_N best checkpoints, export"
 nmt-moe average --last "$AVERAGE_N" "$OUT/train/checkpoints" -o "$OUT/averaged.ckpt"
 nmt-moe export "$OUT/averaged.ckpt" -o "$OUT/export"
+metrics="$OUT/train/csv/version_0/metrics.csv"
+if [[ -f "$metrics" ]]; then  # the CSV log (WANDB=off); with W&B see its moe/*/max_load_share panels
+  echo "== expert load per MoE layer"
+  python "$(dirname "${BASH_SOURCE[0]}")/expert_load.py" "$metrics" --export "$OUT/export" || true
+fi
 
 echo "== translate newstest2014 (beam $BEAM, alpha $ALPHA, beta $BETA), score"
 nmt-moe translate -m "$OUT/export" -i "$TEST.$SRC" -o "$OUT/newstest2014.hyp.$TGT" \
