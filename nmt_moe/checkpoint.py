@@ -33,15 +33,12 @@ import torch
 from torch import Tensor
 
 from nmt_moe.data.tokenizer import Tokenizer
+from nmt_moe.model_files import ModelLoadError, check_weights_fit
 from nmt_moe.models import Seq2Seq
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "weights.pt", "config.json", "sentencepiece.model"
 MODEL_PREFIX = "model."  # the Seq2Seq's keys inside a Lightning checkpoint's state_dict
-
-
-class ModelLoadError(Exception):
-    """A model/checkpoint path that cannot be used (missing, corrupt, unsafe or incompatible)."""
 
 
 # --- atomic files ------------------------------------------------------------------------------------------
@@ -154,6 +151,7 @@ def read_model_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
 
 def build_model(config: dict[str, Any], state: dict[str, Tensor], tokenizer_bytes: bytes, where: Path):
     """Seq2Seq (eval mode) and Tokenizer from their parts, checking that the parts agree."""
+    check_weights_fit(config, state, where)  # on the meta device, before anything is allocated
     try:
         model = Seq2Seq(**config)
     except (TypeError, ValueError) as error:
@@ -284,7 +282,7 @@ def run_cli(prog: str, action: Any) -> int:
     """Run a CLI's `action`; a ModelLoadError becomes a one-line message and exit code 2."""
     try:
         action()
-    except ModelLoadError as error:
+    except (ModelLoadError, OSError) as error:  # OSError: an output path that cannot be written
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
