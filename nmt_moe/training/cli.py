@@ -65,6 +65,7 @@ def train_main(argv: list[str]) -> int:
     from nmt_moe.model_files import check_training_checkpoint
     from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
     from nmt_moe.training.faults import (
+        CheckpointWriteError,
         GracefulInterrupt,
         NonFiniteGuard,
         SafeCheckpointIO,
@@ -211,6 +212,9 @@ def train_main(argv: list[str]) -> int:
     except SIGTERMException:  # before training started (GracefulInterrupt handles it from then on)
         print("nmt-moe train: SIGTERM before training started; nothing saved", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except CheckpointWriteError as error:  # e.g. a full disk: the run stops, its last checkpoint intact
+        print(f"nmt-moe train: error: {error}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as stop:  # the checkpoint is saved and the message printed
         import wandb
 

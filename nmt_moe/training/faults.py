@@ -41,15 +41,53 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # --- checkpoint files --------------------------------------------------------------------------------------
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous file is unchanged."""
+
+
+class _KeepsWriteErrors:
+    """A binary file that remembers the OSError its write raised: torch.save reports it only as a
+    RuntimeError ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Atomic local saves and weights_only loads (remote fsspec paths keep Lightning's own handling)."""
+    """Atomic local saves and weights_only loads (remote fsspec paths keep Lightning's own handling).
+
+    A save that fails for want of space (or any other OSError) raises `CheckpointWriteError` naming the
+    file and the reason; the temp file is removed and the previous checkpoint at `path` stays as it was.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as handle:
-            torch.save(checkpoint, handle)
+        writer = None
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as handle:
+                writer = _KeepsWriteErrors(handle)
+                torch.save(checkpoint, writer)
+        except (OSError, RuntimeError) as error:
+            cause = writer.error if writer is not None and writer.error is not None else error
+            if not isinstance(cause, OSError):
+                raise
+            reason = cause.strerror or str(cause)
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {path} ({reason}); the previous one there, if any, is "
+                "unchanged: free some space and resume with `--ckpt_path last`"
+            ) from cause
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         if "://" in str(path):
