@@ -23,7 +23,7 @@ class SignalAt(pl.Callback):
       gradient all-reduce, which the other ranks then wait in).
 
     Only on global rank `rank` (default: every rank). With `stamp`, first writes the time.time() of the
-    signal to that file (plus ".rank<r>").
+    signal to `<stamp>.rank<r>`, and every rank writes its process id to `<stamp>.pid<r>` at the start.
     """
 
     def __init__(
@@ -33,6 +33,11 @@ class SignalAt(pl.Callback):
             raise ValueError(f"unknown point {when!r}")
         self.when, self.step, self.signal, self.rank, self.stamp = when, step, signal, rank, stamp
         self.sent = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stamp:
+            with open(f"{self.stamp}.pid{trainer.global_rank}", "w") as f:
+                f.write(str(os.getpid()))
 
     def _send(self, trainer: pl.Trainer) -> None:
         if self.sent or self.rank not in (None, trainer.global_rank):
