@@ -32,6 +32,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from nmt_moe.atomic_files import replace_directory, umask_mode
 from nmt_moe.data.tokenizer import Tokenizer
 from nmt_moe.model_files import ModelLoadError, check_weights_fit
 from nmt_moe.models import Seq2Seq
@@ -53,6 +54,7 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()
@@ -243,7 +245,8 @@ def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, **ex
 def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write the export directory for `checkpoint` (itself a checkpoint or a bundle); returns out_dir.
 
-    The bundle is assembled in a temp directory and renamed into place, replacing an older bundle.
+    The bundle is assembled in a temp directory and renamed into place, replacing an older bundle in one
+    atomic step (`atomic_files.replace_directory`).
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     config, state, tokenizer_bytes = read_model_files(checkpoint)
@@ -253,18 +256,12 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
+        staging.chmod(umask_mode(directory=True))
         torch.save({key: value.contiguous() for key, value in state.items()}, staging / WEIGHTS_FILE)
         section = {"version": FORMAT_VERSION, "model_config": config}
         (staging / CONFIG_FILE).write_text(json.dumps(section, indent=2) + "\n", encoding="utf-8")
         (staging / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out_dir)
+        replace_directory(staging, out_dir)  # one atomic rename: the old bundle or the new, never none
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

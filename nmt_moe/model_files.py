@@ -86,7 +86,7 @@ def check_weights_fit(config: Any, state: Any, where: str | Path) -> None:
     details += [f"missing {', '.join(missing[:2])}"] if missing else []
     details += [f"unexpected {', '.join(unexpected[:2])}"] if unexpected else []
     raise ModelLoadError(
-        f"{where}: model config does not match the weights (config implies {implied:,} values, the weights "
+        f"{where}: model config and weights do not match (config implies {implied:,} values, the weights "
         f"hold {held:,}; {'; '.join(details)}); config and weights come from different models"
     )
 

@@ -53,10 +53,10 @@ def translate(model: Path, tmp_path: Path, *extra: str) -> int:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"hidden_size": 32}, "model config does not match the weights"),  # the weights are 16 wide
-        ({"num_experts": 8}, "model config does not match the weights"),
-        ({"ffn": "dense"}, "model config does not match the weights"),
-        ({"encoder_layers": 3}, "model config does not match the weights"),
+        ({"hidden_size": 32}, "model config and weights do not match"),  # the weights are 16 wide
+        ({"num_experts": 8}, "model config and weights do not match"),
+        ({"ffn": "dense"}, "model config and weights do not match"),
+        ({"encoder_layers": 3}, "model config and weights do not match"),
         ({"hidden_size": "16"}, "does not fit this nmt-moe's Seq2Seq"),
         ({"dropout": -1}, "dropout must be in [0, 1)"),
         ({"moe_options": {"no_such_option": 1}}, "does not fit this nmt-moe's Seq2Seq"),
@@ -139,7 +139,7 @@ def test_oversized_configs_are_refused_before_anything_is_allocated(bundle: Path
         assert code == 2, (name, err)
         line = one_line_error(err)
         assert bundles[name] in line, line
-        assert "does not match the weights" in line or "weights hold only" in line, line
+        assert "weights do not match" in line or "weights hold only" in line, line
 
 
 # --- class paths in a training checkpoint ------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_checkpoint_hyper_parameters_must_describe_its_own_weights(tmp_path: Pat
         "class_path": "nmt_moe.models.Seq2Seq",
         "init_args": {**checkpoint["nmt_moe"]["model_config"], "vocab_size": 400_000_000},
     }
-    with pytest.raises(ModelLoadError, match="model config does not match the weights"):
+    with pytest.raises(ModelLoadError, match="model config and weights do not match"):
         check_training_checkpoint(checkpoint, path)
     checkpoint["hyper_parameters"]["model"]["init_args"]["vocab_size"] = 64
     check_training_checkpoint(checkpoint, path)  # our own class, the checkpoint's own shapes: accepted
