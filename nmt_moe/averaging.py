@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_weights_only, nmt_moe_section, run_cli
+from nmt_moe.model_files import check_output_path
 from nmt_moe.sharded_checkpoint import (
     STATE_PREFIX,
     ShardedCheckpointError,
@@ -165,6 +166,7 @@ def average_main(argv: list[str]) -> int:
         parser.error("give either checkpoint paths or --last N DIR")
 
     def action() -> None:
+        check_output_path(args.output)  # before reading the checkpoints, not after averaging them
         if args.last:
             if not args.last[0].isdigit() or int(args.last[0]) < 1:
                 raise ModelLoadError(f"--last N must be a positive integer, got {args.last[0]!r}")

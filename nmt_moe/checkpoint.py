@@ -34,7 +34,9 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from nmt_moe.atomic_files import replace_directory, umask_mode
 from nmt_moe.data.tokenizer import Tokenizer
+from nmt_moe.model_files import ModelLoadError, check_weights_fit
 from nmt_moe.models import Seq2Seq
 from nmt_moe.sharded_checkpoint import (
     STATE_PREFIX,
@@ -50,10 +52,6 @@ WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "weights.pt", "config.json", "senten
 MODEL_PREFIX = "model."  # the Seq2Seq's keys inside a Lightning checkpoint's state_dict
 
 
-class ModelLoadError(Exception):
-    """A model/checkpoint path that cannot be used (missing, corrupt, unsafe or incompatible)."""
-
-
 # --- atomic files ------------------------------------------------------------------------------------------
 
 
@@ -66,6 +64,7 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()
@@ -180,15 +179,15 @@ def load_sharded_model(path: Path) -> tuple[Seq2Seq, bytes]:
         section = nmt_moe_section(read_meta(path).get("nmt_moe"), path)
         if not isinstance(section.get("tokenizer"), bytes):
             raise ModelLoadError(f"{path}: checkpoint carries no SentencePiece model (nmt_moe.tokenizer)")
-        model = _seq2seq(section["model_config"], path)
         prefix = STATE_PREFIX + MODEL_PREFIX
+        saved = {  # shapes only, on the meta device: checked before the model is allocated
+            key[len(prefix) :]: torch.empty(tuple(item.size), device="meta")
+            for key, item in tensor_index(path).items()
+            if key.startswith(prefix)
+        }
+        check_weights_fit(section["model_config"], saved, path)
+        model = _seq2seq(section["model_config"], path)
         targets = {prefix + key: value for key, value in model.state_dict().items()}  # views of the weights
-        saved = {key: tuple(item.size) for key, item in tensor_index(path).items() if key.startswith(prefix)}
-        if saved != {key: tuple(value.shape) for key, value in targets.items()}:
-            raise ModelLoadError(
-                f"{path}: weights do not match the model config; "
-                "the checkpoint is incomplete or from another model"
-            )
         load_into(path, targets, distributed=False)
     except (ShardedCheckpointError, pickle.UnpicklingError, RuntimeError, OSError, ValueError) as error:
         raise ModelLoadError(f"{path}: unreadable sharded checkpoint ({type(error).__name__}: "
@@ -207,6 +206,7 @@ def _seq2seq(config: dict[str, Any], where: Path) -> Seq2Seq:
 
 def build_model(config: dict[str, Any], state: dict[str, Tensor], tokenizer_bytes: bytes, where: Path):
     """Seq2Seq (eval mode) and Tokenizer from their parts, checking that the parts agree."""
+    check_weights_fit(config, state, where)  # on the meta device, before anything is allocated
     model = _seq2seq(config, where)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -300,7 +300,8 @@ def save_checkpoint(path: str | Path, model: Seq2Seq, tokenizer: Tokenizer, **ex
 def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write the export directory for `checkpoint` (itself a checkpoint or a bundle); returns out_dir.
 
-    The bundle is assembled in a temp directory and renamed into place, replacing an older bundle.
+    The bundle is assembled in a temp directory and renamed into place, replacing an older bundle in one
+    atomic step (`atomic_files.replace_directory`).
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     config, state, tokenizer_bytes = read_model_files(checkpoint)
@@ -313,18 +314,12 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
+        staging.chmod(umask_mode(directory=True))
         torch.save({key: value.contiguous() for key, value in state.items()}, staging / WEIGHTS_FILE)
         section = {"version": FORMAT_VERSION, "model_config": config}
         (staging / CONFIG_FILE).write_text(json.dumps(section, indent=2) + "\n", encoding="utf-8")
         (staging / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out_dir)
+        replace_directory(staging, out_dir)  # one atomic rename: the old bundle or the new, never none
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -342,7 +337,7 @@ def run_cli(prog: str, action: Any) -> int:
     """Run a CLI's `action`; a ModelLoadError becomes a one-line message and exit code 2."""
     try:
         action()
-    except ModelLoadError as error:
+    except (ModelLoadError, OSError) as error:  # OSError: an output path that cannot be written
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0

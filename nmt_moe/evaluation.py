@@ -97,6 +97,7 @@ def evaluate_main(argv: list[str]) -> int:
     check_decoding_arguments(parser, args)
 
     from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_model
+    from nmt_moe.model_files import check_output_path
 
     try:
         references = [_read_text_lines(path) for path in args.ref]
@@ -104,6 +105,8 @@ def evaluate_main(argv: list[str]) -> int:
             hypotheses = _read_text_lines(args.hyp)
         else:
             sources = _read_text_lines(args.src)
+            if args.output:
+                check_output_path(args.output)  # before translating, not after
             if args.threads:
                 import torch
 

@@ -23,7 +23,7 @@ import yaml
 from test_reliability_nonfinite import Regression
 from test_train_cli import RECIPE, write_copy_task
 
-from nmt_moe.training.faults import GracefulInterrupt, SafeCheckpointIO, exit_code
+from nmt_moe.training.faults import GracefulInterrupt, SafeCheckpointIO, TrainingInterrupted, exit_code
 
 MAX_STEPS, EVERY = 15, 3  # last.ckpt every 3 steps (and at the end); validation at step 10
 
@@ -190,7 +190,8 @@ def regression_trainer(tmp_path: Path, *callbacks: pl.Callback) -> pl.Trainer:
 def test_signal_stops_after_the_step_and_restores_handlers(signum: int, tmp_path: Path) -> None:
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     trainer = regression_trainer(tmp_path, SendSignal(signum, at=3))
-    trainer.fit(*regression_data())
+    with pytest.raises(TrainingInterrupted):  # leaves fit before the next batch
+        trainer.fit(*regression_data())
     assert trainer.global_step == 4  # the step under way when the signal came was finished
     assert exit_code(trainer) == 128 + signum
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -215,7 +216,8 @@ def test_interrupt_checkpoint_goes_where_last_ckpt_is_kept(tmp_path: Path) -> No
         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
         default_root_dir=tmp_path, plugins=[SafeCheckpointIO()],
     )  # fmt: skip
-    trainer.fit(*regression_data())
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit(*regression_data())
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert not (tmp_path / "average" / "last.ckpt").exists()
 

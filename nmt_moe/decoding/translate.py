@@ -36,6 +36,7 @@ from nmt_moe.decoding.beam import Hypothesis, beam_search
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.decoding.sampling import SamplingOptions, sample_decode
 from nmt_moe.decoding.streaming import read_line_groups
+from nmt_moe.model_files import check_output_path
 
 
 class InputError(Exception):
@@ -459,6 +460,8 @@ def translate_main(argv: list[str]) -> int:
             stream_translate(model, tokenizer, sys.stdin.fileno(), sys.stdout.buffer, options,
                              output_format=args.output_format, warn=warn_stderr, **batching)  # fmt: skip
             return 0
+        if args.output is not None:
+            check_output_path(args.output)  # before the work, not after it
         data = args.input.read_bytes() if args.input else sys.stdin.buffer.read()
         lines = read_lines(data, str(args.input or "stdin"))
         model, tokenizer = _load_for_translation(args)
@@ -472,6 +475,10 @@ def translate_main(argv: list[str]) -> int:
         sys.stdout.buffer.write(text.encode("utf-8"))  # UTF-8 whatever the locale says
         sys.stdout.flush()
     else:
-        with atomic_write(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        try:
+            with atomic_write(args.output, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        except OSError as error:  # e.g. the disk filled up; the previous file, if any, is left as it was
+            print(f"{prog}: error: {args.output}: cannot write ({error.strerror})", file=sys.stderr)
+            return 2
     return 0

@@ -253,16 +253,17 @@ class MoELayer(nn.Module):
             self.gate.use_global_batch(False)
 
     @torch.no_grad()
-    def update_bias(self) -> None:
+    def update_bias(self, load: Tensor | None = None) -> None:
         """Loss-free balancing: raise the bias of underloaded experts and lower it for overloaded ones by
         `bias_update_rate`, from the load seen since the last call (no change when none was seen, or when
-        loss_free_bias is off; decided on the device, without a synchronisation)."""
+        loss_free_bias is off; decided on the device, without a synchronisation). `load` [E] replaces that
+        count, e.g. with its sum over data-parallel ranks."""
         if not self.loss_free_bias:
             return
-        load = self.load_since_update
+        load = self.load_since_update if load is None else load
         seen = (load.sum() > 0).to(load.dtype)
         self.expert_bias += seen * self.bias_update_rate * torch.sign(load.mean() - load)
-        load.zero_()
+        self.load_since_update.zero_()
 
 
 def moe_layers(module: nn.Module) -> Iterator[tuple[str, MoELayer]]:

@@ -67,12 +67,15 @@ def train_main(argv: list[str]) -> int:
 
     from nmt_moe.checkpoint import ModelLoadError, load_weights_only
     from nmt_moe.data.datamodule import TranslationDataModule
+    from nmt_moe.model_files import check_training_checkpoint
     from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
     from nmt_moe.training.faults import (
+        CheckpointWriteError,
         GracefulInterrupt,
         NonFiniteGuard,
         SafeCheckpointIO,
         StepSeed,
+        TrainingInterrupted,
         exit_code,
     )
     from nmt_moe.training.module import TranslationModule
@@ -137,17 +140,23 @@ def train_main(argv: list[str]) -> int:
             parser.add_lightning_class_args(TokensPerSecond, "throughput")
             parser.add_lightning_class_args(TrainingProgress, "progress")
             parser.add_lightning_class_args(SampleTranslations, "samples")
-            parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
             parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
             parser.add_lightning_class_args(StepSeed, "step_seed")
+            # last: its checkpoint holds the other callbacks' states after the step
+            parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
             # last.ckpt, the best checkpoint and the interrupt/fault checkpoints all live in
             # <default_root_dir>/checkpoints, where `--ckpt_path last` and the recipes look for them.
             for key in ("checkpoint", "last_checkpoint", "interrupt", "nonfinite"):
                 parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=checkpoint_dir)
 
         def _parse_ckpt_path(self) -> None:
-            """LightningCLI reads `--ckpt_path`'s hyper-parameters with a bare torch.load (weights_only): on
-            failure, load it again through our loader, which says in one line what is wrong."""
+            """LightningCLI merges `--ckpt_path`'s hyper-parameters into the config and builds what they
+            name: check them first (our model class only, and a model of the checkpoint's own weights).
+            It reads the file with a bare torch.load (weights_only): on failure, load it again through
+            our loader, which says in one line what is wrong."""
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            if path and Path(path).is_file():
+                check_training_checkpoint(load_weights_only(path), path)
             try:
                 super()._parse_ckpt_path()
             except Exception:
@@ -224,6 +233,15 @@ def train_main(argv: list[str]) -> int:
     except SIGTERMException:  # before training started (GracefulInterrupt handles it from then on)
         print("nmt-moe train: SIGTERM before training started; nothing saved", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except CheckpointWriteError as error:  # e.g. a full disk: the run stops, its last checkpoint intact
+        print(f"nmt-moe train: error: {error}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as stop:  # the checkpoint is saved and the message printed
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=128 + stop.signum)
+        return 128 + stop.signum
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger):
             announce_runs(logger.experiment)

@@ -4,8 +4,9 @@
   never leaves a truncated `last.ckpt`) and loading with `weights_only=True` always (a crafted pickle is
   refused, whatever `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` says), with one-line errors for bad files.
 - `GracefulInterrupt`: SIGINT/SIGTERM set a flag; at the next optimizer-step boundary every rank saves
-  `last.ckpt` and training stops, so `--ckpt_path last` resumes exactly (data position, optimizer,
-  scheduler, loss-free biases and callback states all live in Lightning's checkpoint).
+  `last.ckpt` and `trainer.fit` ends by raising `TrainingInterrupted`, so `--ckpt_path last` resumes
+  exactly (data position, optimizer, scheduler, loss-free biases and callback states all live in
+  Lightning's checkpoint).
 - `StepSeed`: reseeds the global RNG before every training batch from (seed, rank, epoch, batch), so the
   gating noise and dropout of a resumed run are those of an uninterrupted one.
 - `NonFiniteGuard`: a step with a non-finite loss or gradient is skipped (no weight, optimizer or
@@ -41,15 +42,53 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # --- checkpoint files --------------------------------------------------------------------------------------
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (disk full, quota, I/O error); the previous file is unchanged."""
+
+
+class _KeepsWriteErrors:
+    """A binary file that remembers the OSError its write raised: torch.save reports it only as a
+    RuntimeError ("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Atomic local saves and weights_only loads (remote fsspec paths keep Lightning's own handling)."""
+    """Atomic local saves and weights_only loads (remote fsspec paths keep Lightning's own handling).
+
+    A save that fails for want of space (or any other OSError) raises `CheckpointWriteError` naming the
+    file and the reason; the temp file is removed and the previous checkpoint at `path` stays as it was.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as handle:
-            torch.save(checkpoint, handle)
+        writer = None
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as handle:
+                writer = _KeepsWriteErrors(handle)
+                torch.save(checkpoint, writer)
+        except (OSError, RuntimeError) as error:
+            cause = writer.error if writer is not None and writer.error is not None else error
+            if not isinstance(cause, OSError):
+                raise
+            reason = cause.strerror or str(cause)
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {path} ({reason}); the previous one there, if any, is "
+                "unchanged: free some space and resume with `--ckpt_path last`"
+            ) from cause
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         if "://" in str(path):
@@ -93,11 +132,29 @@ def _completes_step(trainer: pl.Trainer, batch_idx: int) -> bool:
 # --- interrupts --------------------------------------------------------------------------------------------
 
 
+class TrainingInterrupted(Exception):
+    """Raised out of `trainer.fit` once `GracefulInterrupt` has saved its checkpoint."""
+
+    def __init__(self, signum: int, path: Path, step: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name}: saved {path} at step {step}")
+        self.signum, self.path, self.step = signum, path, step
+
+
 class GracefulInterrupt(pl.Callback):
     """On SIGINT or SIGTERM: finish the current step, save `last.ckpt`, stop; a second signal forces exit.
 
     The handlers are installed in `on_train_start`, after Lightning's own SIGTERM handler (which would
     abort a running validation without saving), and all ranks agree on stopping at the same step.
+
+    The run stops by raising `TrainingInterrupted` at the start of the next batch, not through
+    `trainer.should_stop`: Lightning answers `should_stop` with a validation that the uninterrupted run
+    does not have (which moves early stopping and the best checkpoint) and with the epoch-end hooks, and
+    the `last.ckpt` that ModelCheckpoint writes there resumes wrongly (Lightning 2.6 restores it one
+    logging step behind - every metric after the resume logged under the previous step - or, where
+    checkpoints are written at epoch end, in the next epoch). Everything that runs between the save and
+    the raise (the step's checkpoint callbacks, a validation due after it, the end of an epoch) runs in the
+    uninterrupted run too. Callbacks listed after this one have not ended the step when it saves: the CLI
+    registers it last.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt") -> None:
@@ -109,6 +166,7 @@ class GracefulInterrupt(pl.Callback):
         self.dirpath, self.filename = dirpath, filename
         self.received: int | None = None  # signal number, once one arrived
         self.saved_path: Path | None = None
+        self._saved_step = -1
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -134,18 +192,27 @@ class GracefulInterrupt(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not _completes_step(trainer, batch_idx):
+        if not _completes_step(trainer, batch_idx) or self.saved_path is not None:
             return
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if not stop or self.saved_path is not None:
+        if not stop:
             return
         if self.received is None:  # another rank got the signal
             self.received = signal.SIGTERM
+        # The step's own checkpoints first (Lightning runs checkpoint callbacks after all others and skips
+        # a second save at one step), so that the states saved below know the files they wrote.
+        for callback in trainer.checkpoint_callbacks:
+            callback.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         path = _save_dir(trainer, self.dirpath) / self.filename
         trainer.save_checkpoint(path)
-        self.saved_path = path
-        trainer.should_stop = True
+        self.saved_path, self._saved_step = path, trainer.global_step
         _say(trainer, f"saved {path} at step {trainer.global_step}; resume with `--ckpt_path last`")
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.saved_path is not None:  # the saved step is complete; leave before training another
+            raise TrainingInterrupted(int(self.received or signal.SIGTERM), self.saved_path, self._saved_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()

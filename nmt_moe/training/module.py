@@ -7,10 +7,12 @@ The `Seq2Seq` is passed in (dependency injection), so LightningCLI shows every m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -20,7 +22,7 @@ from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.evaluation import score
 from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import moe_layers
+from nmt_moe.moe import MoELayer, collectives, moe_layers
 from nmt_moe.training.expert_parallel import ExpertParallelStrategy
 from nmt_moe.training.lockstep import greedy_decode_lockstep
 from nmt_moe.training.schedules import Schedule, lr_multiplier
@@ -179,8 +181,9 @@ class TranslationModule(pl.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        for layer in self.moe_layers:
-            layer.update_bias()  # loss-free balancing: a no-op unless the layer enables it
+        data_parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        plain_data_parallel = data_parallel and self.expert_parallel_size == 1  # EP layers count globally
+        update_balancing_biases(self.moe_layers, across_ranks=plain_data_parallel)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -300,6 +303,24 @@ class TranslationModule(pl.LightningModule):
                 "validation output and store it in checkpoints): train with a TranslationDataModule"
             )
         return tokenizer
+
+
+def update_balancing_biases(layers: Sequence[MoELayer], across_ranks: bool) -> None:
+    """Loss-free balancing after an optimizer step: each layer's bias moves against its load.
+
+    Under plain data parallelism each rank counted only its own tokens: with `across_ranks` the counts of
+    all layers are summed over the ranks first (one all-reduce), so every rank makes the update one process
+    would make on the union of the batches (and DDP's broadcast of rank 0's buffers changes nothing). Under
+    expert parallelism the layers count the global batch already. Collective with `across_ranks`.
+    """
+    balanced = [layer for layer in layers if layer.loss_free_bias]
+    if not across_ranks or not balanced:
+        for layer in balanced:
+            layer.update_bias()
+        return
+    loads = collectives.sum_over_ranks(torch.cat([layer.load_since_update for layer in balanced]))  # [ΣE]
+    for layer, load in zip(balanced, loads.split([layer.num_experts for layer in balanced]), strict=True):
+        layer.update_bias(load)
 
 
 def token_accuracy(logits: Tensor, target: Tensor) -> Tensor:
