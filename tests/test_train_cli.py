@@ -216,7 +216,7 @@ def test_print_config_shows_every_part(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_wandb_online_only_with_a_configured_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nmt_moe.training.cli import wandb_api_key_configured
+    from nmt_moe.training.tracking import wandb_api_key_configured
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("NETRC", raising=False)

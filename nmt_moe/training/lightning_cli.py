@@ -1,0 +1,194 @@
+"""The LightningCLI behind `nmt-moe train`: its callbacks, argument links, defaults and config checks.
+
+`training/cli.py` runs it and turns its errors into exit codes; this module holds what the CLI is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from nmt_moe.checkpoint import load_weights_only
+from nmt_moe.data.datamodule import TranslationDataModule
+from nmt_moe.model_files import check_training_checkpoint
+from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
+from nmt_moe.training.faults import GracefulInterrupt, NonFiniteGuard, SafeCheckpointIO, StepSeed
+from nmt_moe.training.module import TranslationModule
+from nmt_moe.training.progress import TrainingProgress
+from nmt_moe.training.tracking import WANDB_MODES, wandb_api_key_configured
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; reported in one line before training starts."""
+
+
+def default_precision() -> str:
+    """bf16 autocast where the GPU supports it; full fp32 elsewhere (bf16 on this CPU is 4-8x slower)."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def checkpoint_dir(default_root_dir: str | None) -> str:
+    return str(Path(default_root_dir or ".") / "checkpoints")
+
+
+def monitor_loss_without_bleu(config: Any) -> None:
+    """With `model.val_max_sentences 0` nothing is decoded and `val/bleu` never exists: the best checkpoint
+    and early stopping follow `val/loss` (lower is better) where they were left on the BLEU default, instead
+    of ModelCheckpoint failing at the first save."""
+    for key in ("checkpoint", "early_stopping"):
+        if config[key].monitor == "val/bleu":
+            config[key].monitor, config[key].mode = "val/loss", "min"
+    if "val/bleu" in (config.checkpoint.filename or ""):
+        config.checkpoint.filename = "best-step{step}-loss{val/loss:.3f}"
+
+
+class SaveConfigToLoggers(SaveConfigCallback):
+    """Writes config.yaml (overwriting on a rerun into the same directory) and logs it to every logger."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI with the callbacks, links and checks every nmt-moe run has (see training/cli.py)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--wandb",
+            choices=WANDB_MODES,
+            default="auto",
+            help="W&B logging: auto (online only when an API key is configured), online, offline, "
+            "or off (CSV logger instead). Ignored when --trainer.logger names another logger.",
+        )
+        parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size")
+        # Best by BLEU, and a separate "last" (overwritten at every save): ModelCheckpoint(save_last=True)
+        # in Lightning 2.6 refreshes last.ckpt only when the best one changes, which breaks resuming.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/bleu",
+                "checkpoint.mode": "max",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-step{step}-bleu{val/bleu:.2f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.monitor": None,
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults(
+            {
+                "early_stopping.monitor": "val/bleu",
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 10,
+                # A run without validation (--trainer.limit_val_batches 0) has no val/bleu: train on.
+                "early_stopping.strict": False,
+            }
+        )
+        parser.add_lightning_class_args(ExpertLoadMonitor, "expert_load")
+        parser.add_lightning_class_args(TokensPerSecond, "throughput")
+        parser.add_lightning_class_args(TrainingProgress, "progress")
+        parser.add_lightning_class_args(SampleTranslations, "samples")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(StepSeed, "step_seed")
+        # last: its checkpoint holds the other callbacks' states after the step
+        parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
+        # last.ckpt, the best checkpoint and the interrupt/fault checkpoints all live in
+        # <default_root_dir>/checkpoints, where `--ckpt_path last` and the recipes look for them.
+        for key in ("checkpoint", "last_checkpoint", "interrupt", "nonfinite"):
+            parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=checkpoint_dir)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI merges `--ckpt_path`'s hyper-parameters into the config and builds what they
+        name: check them first (our model class only, and a model of the checkpoint's own weights).
+        It reads the file with a bare torch.load (weights_only): on failure, load it again through
+        our loader, which says in one line what is wrong."""
+        path = self.config[self.config.subcommand].get("ckpt_path")
+        if path and Path(path).is_file():
+            check_training_checkpoint(load_weights_only(path), path)
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            load_weights_only(self.config[self.config.subcommand].ckpt_path)  # raises ModelLoadError
+            raise
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # a bad setting (k > num_experts, unknown gate, ...), named by it
+            raise ConfigError(str(error)) from error
+
+    def before_fit(self) -> None:
+        world, size = self.trainer.world_size, self.model.hparams.get("expert_parallel_size", 1)
+        if world % size:
+            raise ConfigError(f"model.expert_parallel_size={size} must divide the world size {world} "
+                              "(trainer.devices x trainer.num_nodes)")  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.enable_progress_bar is False:  # no bar: our progress callback logs lines
+            config.trainer.enable_progress_bar = True
+            config.progress.mode = "lines"
+        if config.model.get("val_max_sentences", 1) == 0:
+            monitor_loss_without_bleu(config)
+        if config.model.get("expert_parallel_size", 1) > 1 and config.trainer.strategy in ("ddp", "auto"):
+            strategy = (
+                "nmt_moe.training.expert_parallel.ExpertParallelStrategy"  # sharded experts, checkpoints
+            )
+            config.trainer.strategy = Namespace(class_path=strategy, init_args=Namespace())
+        logger = config.trainer.logger
+        if not (isinstance(logger, Namespace) and logger.get("class_path", "").endswith("WandbLogger")):
+            return  # the user chose another logger (or none)
+        root = config.trainer.default_root_dir or "."
+        if config.wandb == "off":
+            config.trainer.logger = Namespace(
+                class_path="pytorch_lightning.loggers.CSVLogger",
+                init_args=Namespace(save_dir=root, name="csv"),
+            )
+            return
+        online = config.wandb == "online" or (config.wandb == "auto" and wandb_api_key_configured())
+        logger.init_args.offline = not online
+        if logger.init_args.get("save_dir") in (None, "."):
+            logger.init_args.save_dir = root
+
+
+def build_cli(argv: list[str]) -> TrainCLI:
+    """Parses `argv` and runs the subcommand (fit/validate/test), as LightningCLI does on construction."""
+
+    return TrainCLI(
+        TranslationModule,
+        TranslationDataModule,
+        args=argv,
+        save_config_callback=SaveConfigToLoggers,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "default_root_dir": "runs",
+            "precision": default_precision(),
+            "gradient_clip_val": 1.0,
+            "use_distributed_sampler": False,  # the data module's batch sampler shards across ranks
+            "plugins": [SafeCheckpointIO()],  # atomic checkpoint writes, weights_only loads
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.WandbLogger",
+                "init_args": {"project": "nmt-moe"},
+            },
+        },
+        seed_everything_default=1234,
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": "nmt-moe train"},
+    )
