@@ -46,19 +46,29 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def replace_directory(staging: Path, target: Path) -> None:
-    """Put the complete directory `staging` at `target`, replacing what is there, in one atomic rename.
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def replace_path(staging: Path, target: Path) -> None:
+    """Put the complete file or directory `staging` at `target`, replacing what is there (a file or a
+    directory), in one atomic rename where the system can swap paths; elsewhere the old one is moved aside
+    first.
 
     Both must be on one filesystem (create `staging` beside `target`). `staging` is gone afterwards.
     """
-    if not target.exists():
+    if not target.exists() or (target.is_file() and staging.is_file()):  # os.replace is atomic here
         os.replace(staging, target)
         return
     if _exchange(staging, target):
-        shutil.rmtree(staging)  # the old directory, now at the staging path
+        _remove(staging)  # the old directory or file, now at the staging path
         return
     old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        _remove(old)
     os.replace(target, old)
     os.replace(staging, target)
-    shutil.rmtree(old)
+    _remove(old)

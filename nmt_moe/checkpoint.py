@@ -34,7 +34,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
-from nmt_moe.atomic_files import replace_directory, umask_mode
+from nmt_moe.atomic_files import replace_path, umask_mode
 from nmt_moe.data.tokenizer import Tokenizer
 from nmt_moe.model_files import ModelLoadError, check_weights_fit
 from nmt_moe.models import Seq2Seq
@@ -69,14 +69,8 @@ def atomic_write(path: str | Path, mode: str = "wb", encoding: str | None = None
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        if path.is_dir():  # a sharded checkpoint of the same name (resumed without expert parallelism)
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        # a sharded checkpoint directory of the same name may be there (resumed without expert parallelism)
+        replace_path(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -301,7 +295,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write the export directory for `checkpoint` (itself a checkpoint or a bundle); returns out_dir.
 
     The bundle is assembled in a temp directory and renamed into place, replacing an older bundle in one
-    atomic step (`atomic_files.replace_directory`).
+    atomic step (`atomic_files.replace_path`).
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     config, state, tokenizer_bytes = read_model_files(checkpoint)
@@ -319,7 +313,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
         section = {"version": FORMAT_VERSION, "model_config": config}
         (staging / CONFIG_FILE).write_text(json.dumps(section, indent=2) + "\n", encoding="utf-8")
         (staging / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
-        replace_directory(staging, out_dir)  # one atomic rename: the old bundle or the new, never none
+        replace_path(staging, out_dir)  # one atomic rename: the old bundle or the new, never none
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

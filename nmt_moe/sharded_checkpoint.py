@@ -43,6 +43,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from nmt_moe.atomic_files import replace_path
+
 META_FILE, DCP_METADATA = "meta.pt", ".metadata"
 STATE_PREFIX = "state_dict/"
 
@@ -226,20 +228,9 @@ def save_sharded(
 
 
 def _replace_dir(new: Path, path: Path) -> None:
-    """Move `new` onto `path` (a file or directory may be there). Between the two renames `path` is briefly
-    absent, with the old checkpoint kept as `.<name>.old` until the new one is in place."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        if old.is_dir():
-            shutil.rmtree(old)
-        os.replace(path, old)
-        os.replace(new, path)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.replace(new, path)
+    """Move `new` onto `path` (a file or directory may be there) in one atomic rename where the system can
+    (atomic_files.replace_path), then make the rename durable."""
+    replace_path(new, path)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
