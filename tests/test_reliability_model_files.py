@@ -216,7 +216,7 @@ def test_unwritable_output_path_is_named_before_the_work(
     def no_model(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output path was checked")
 
-    monkeypatch.setattr("nmt_moe.decoding.translate.load_model", no_model)
+    monkeypatch.setattr("nmt_moe.decoding.ensemble.load_model", no_model)  # what translate loads through
     assert translate(bundle, tmp_path, "-o", str(out)) == 2
     assert str(out) in one_line_error(capsys.readouterr().err)
 
