@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from nmt_moe.checkpoint import ModelLoadError, load_model
+from nmt_moe.data.batching import pad_ids
 from nmt_moe.data.tokenizer import BOS_ID, PAD_ID, Tokenizer, lang_token
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.decoding.translate import encode_sources, make_batches, read_lines
@@ -69,14 +70,6 @@ class RoutingReport:
 # --- counting ----------------------------------------------------------------------------------------------
 
 
-def _pad(rows: Sequence[Sequence[int]]) -> Tensor:
-    """Right-padded [B, max len] long tensor."""
-    out = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
-
-
 @torch.no_grad()
 def route(
     model: Seq2Seq,
@@ -110,13 +103,13 @@ def route(
     vocab = model.decoder.output.out_features
     routed = 0
     for batch in make_batches([len(s) for s in sources], max_tokens, max_sentences):
-        src = _pad([sources[i] for i in batch]).to(device)  # [B, S]
+        src = pad_ids([sources[i] for i in batch]).to(device)  # [B, S]
         lengths = torch.tensor([len(sources[i]) for i in batch], device=device)  # [B]
         if targets is None:
             hyps, _ = greedy_decode(model, src, lengths)
         else:
             hyps = [targets[i] for i in batch]
-        tgt_in = _pad([[BOS_ID, *h] for h in hyps]).to(device)  # [B, T]
+        tgt_in = pad_ids([[BOS_ID, *h] for h in hyps]).to(device)  # [B, T]
         out = model(src, lengths, tgt_in)
         lang = torch.tensor([languages[i] for i in batch], device=device)  # [B]
         for name, moe in out.moe.items():

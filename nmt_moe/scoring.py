@@ -21,20 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_model
-from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, lang_token
+from nmt_moe.data.batching import pad_ids
+from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, lang_token
 from nmt_moe.decoding.search import eval_mode
 from nmt_moe.decoding.translate import InputError, encode_sources, make_batches, read_lines, warn_stderr
-
-
-def _pad(rows: Sequence[Sequence[int]]) -> Tensor:
-    """Right-padded [B, max len] Long tensor of `rows`."""
-    out = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
 
 
 @torch.no_grad()
@@ -46,10 +38,10 @@ def token_log_probs(
     sources: model input ids (EOS included); targets: target ids without BOS/EOS.
     """
     device = next(model.parameters()).device
-    src = _pad(sources).to(device)  # [B, S]
+    src = pad_ids(sources).to(device)  # [B, S]
     src_lengths = torch.tensor([len(s) for s in sources], device=device)  # [B]
-    tgt_in = _pad([[BOS_ID, *t] for t in targets]).to(device)  # [B, T] BOS + target
-    tgt_out = _pad([[*t, EOS_ID] for t in targets]).to(device)  # [B, T] target + EOS
+    tgt_in = pad_ids([[BOS_ID, *t] for t in targets]).to(device)  # [B, T] BOS + target
+    tgt_out = pad_ids([[*t, EOS_ID] for t in targets]).to(device)  # [B, T] target + EOS
     with eval_mode(model):
         logits = model(src, src_lengths, tgt_in).logits  # [B, T, V]
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(2, tgt_out.unsqueeze(2)).squeeze(2)  # [B, T]

@@ -201,13 +201,18 @@ class TokenBatchSampler(Sampler[list[int]]):
         self._resume_at = self._yielded = state["yielded"]
 
 
+def pad_ids(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Token id lists right-padded with PAD_ID into one [B, max length] long tensor: the one padding rule
+    of training batches, decoding, scoring and routing."""
+    tensors = [torch.as_tensor(row, dtype=torch.long) for row in rows]
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=PAD_ID)
+
+
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Pad encoded pairs into the batch format: src [B, S], src_lengths [B], tgt [B, T], index [B]."""
-    src = [torch.as_tensor(item["src_ids"], dtype=torch.long) for item in items]
-    tgt = [torch.as_tensor(item["tgt_ids"], dtype=torch.long) for item in items]
     return {
-        "src": torch.nn.utils.rnn.pad_sequence(src, batch_first=True, padding_value=PAD_ID),  # [B, S]
-        "src_lengths": torch.tensor([len(s) for s in src], dtype=torch.long),  # [B]
-        "tgt": torch.nn.utils.rnn.pad_sequence(tgt, batch_first=True, padding_value=PAD_ID),  # [B, T]
+        "src": pad_ids([item["src_ids"] for item in items]),  # [B, S]
+        "src_lengths": torch.tensor([len(item["src_ids"]) for item in items], dtype=torch.long),  # [B]
+        "tgt": pad_ids([item["tgt_ids"] for item in items]),  # [B, T]
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),  # [B]
     }

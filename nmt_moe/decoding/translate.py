@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from nmt_moe.checkpoint import ModelLoadError, atomic_write
-from nmt_moe.data.tokenizer import EOS_ID, PAD_ID, Tokenizer, lang_token
+from nmt_moe.data.batching import pad_ids
+from nmt_moe.data.tokenizer import EOS_ID, Tokenizer, lang_token
 from nmt_moe.decoding.beam import Hypothesis, beam_search
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.decoding.sampling import SamplingOptions, sample_decode
@@ -167,9 +168,7 @@ def translate_sources(
         bar = tqdm(total=sum(map(len, batches)), unit="sent", file=sys.stderr, dynamic_ncols=True)
     for batch in batches:
         lengths = torch.tensor([len(sources[i]) for i in batch])
-        src = torch.full((len(batch), int(lengths.max())), PAD_ID, dtype=torch.long)
-        for row, i in enumerate(batch):
-            src[row, : len(sources[i])] = torch.tensor(sources[i])
+        src = pad_ids([sources[i] for i in batch])  # [B, S]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
             ids = [first_index + i for i in batch]
             hyps = search_batch(model, src.to(device), lengths.to(device), options, sentence_ids=ids)
