@@ -19,7 +19,10 @@ from pytorch_lightning.callbacks.progress.tqdm_progress import TQDMProgressBar
 
 
 def total_steps(trainer: pl.Trainer) -> int | None:
-    """The optimizer steps the run is set to make: max_steps, else what the epochs add up to."""
+    """The optimizer steps the run is set to make: max_steps, else what the epochs add up to.
+
+    Collective under DDP (Lightning's estimate sets up the train loader behind a barrier): call it on every
+    rank, once training has started."""
     if trainer.max_steps and trainer.max_steps > 0:
         return trainer.max_steps
     estimate = trainer.estimated_stepping_batches
@@ -53,6 +56,7 @@ class TrainingProgress(TQDMProgressBar):
         self.mode = mode
         self._stream = stream
         self._start: tuple[float, int] | None = None  # (time, global step) when this process began training
+        self._total: int | None = None  # optimizer steps of the whole run, known once training starts
         self._logged_at = -1
 
     @property
@@ -73,7 +77,7 @@ class TrainingProgress(TQDMProgressBar):
         """Seconds until the run stops: the step rate of this process over the steps left, capped by the
         time budget (trainer.max_time) when one is set."""
         estimates = []
-        total = total_steps(trainer)
+        total = self._total
         if self._start is not None and total is not None:
             start_time, start_step = self._start
             done = trainer.global_step - start_step
@@ -87,7 +91,7 @@ class TrainingProgress(TQDMProgressBar):
     def fields(self, trainer: pl.Trainer) -> dict[str, str]:
         """step, loss, tok/s, val BLEU and time left, formatted; missing ones are left out."""
         metrics = trainer.progress_bar_metrics
-        total = total_steps(trainer)
+        total = self._total
         out = {"step": f"{trainer.global_step}/{total}" if total else str(trainer.global_step)}
         if "train/loss" in metrics:
             out["loss"] = f"{float(metrics['train/loss']):.3f}"
@@ -114,6 +118,7 @@ class TrainingProgress(TQDMProgressBar):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._total = total_steps(trainer)  # every rank: it may be collective; fields() runs on rank 0
         self._start = (time.monotonic(), trainer.global_step)
 
     def on_train_batch_end(
