@@ -162,3 +162,13 @@ def test_serve_refuses_a_missing_model_in_one_line(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "nmt_moe.cli", "serve", "-m", str(tmp_path / "none.ckpt")],
                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        argv = ["serve", "-m", str(tmp_path / "absent"), "--port", str(port)]
+        result = subprocess.run([sys.executable, "-m", "nmt_moe.cli", *argv], capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "cannot listen" in result.stderr, result.stderr

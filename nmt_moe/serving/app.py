@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
@@ -178,9 +179,15 @@ def serve_main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    try:  # the address first: a port in use is one line and exit 2, before minutes of model loading
+        listener = socket.create_server((args.host, args.port))
+    except OSError as error:
+        print(f"{parser.prog}: error: cannot listen: {error.strerror}", file=sys.stderr)
+        return 2
     try:
         model, tokenizer = load_models(args.model, args.device)
     except (ModelLoadError, OSError) as error:
+        listener.close()
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     batcher = DynamicBatcher(
@@ -189,6 +196,7 @@ def serve_main(argv: list[str]) -> int:
     )  # fmt: skip
     limits = Limits(args.max_request_lines, args.max_request_bytes, args.max_beam, args.max_input_tokens)
     app = create_app(batcher, limits, default_beam=args.beam)
-    print(f"{parser.prog}: model loaded; listening on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    port = listener.getsockname()[1]  # the one the system chose for --port 0
+    print(f"{parser.prog}: model loaded; listening on http://{args.host}:{port}", file=sys.stderr)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
     return 0
