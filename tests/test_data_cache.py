@@ -17,7 +17,6 @@ from test_data_datamodule import write_corpus
 
 from nmt_moe.data import pipeline
 from nmt_moe.data.pipeline import CACHE_VERSION, PipelineConfig, prepare
-from nmt_moe.data.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,12 +71,28 @@ def test_same_data_and_settings_give_a_byte_identical_model(train: str, tmp_path
     assert (other_seed.path / "tokenizer.model").read_bytes() != first.read_bytes()
 
 
-def test_sentencepiece_own_sampling_is_seeded() -> None:
-    text = [f"w{i % 97} x{i % 31} y{i % 13} z{i}" for i in range(3000)]
-    models = [
-        train_tokenizer(text, 60, model_type="unigram", input_sentence_size=500).to_bytes() for _ in "ab"
-    ]
-    assert models[0] == models[1]
+TRAIN_ON_A_SAMPLE = """
+import hashlib, sys
+from nmt_moe.data.tokenizer import train_tokenizer
+text = [f"w{i % 97} x{i % 31} y{i % 13} z{i}" for i in range(3000)]
+model = train_tokenizer(text, 40, input_sentence_size=500, num_threads=1, seed=int(sys.argv[1]))
+print(hashlib.sha256(model.to_bytes()).hexdigest())
+"""
+
+
+def _model_digest(seed: int) -> str:
+    """Train in a fresh process: SentencePiece's own sampler drew another sample in every process."""
+    run = subprocess.run(
+        [sys.executable, "-c", TRAIN_ON_A_SAMPLE, str(seed)], capture_output=True, text=True, check=True
+    )
+    return run.stdout.strip()
+
+
+def test_a_capped_sample_gives_the_same_model_in_every_process() -> None:
+    """3000 sentences capped at 500: three processes, one model; another seed, another sample."""
+    digests = {_model_digest(0) for _ in range(3)}
+    assert len(digests) == 1
+    assert _model_digest(1) not in digests
 
 
 def test_thread_count_is_part_of_the_key(train: str) -> None:

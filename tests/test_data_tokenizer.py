@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from nmt_moe.data.cleaning import normalize_whitespace
-from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, lang_token, train_tokenizer
+from nmt_moe.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Tokenizer,
+    lang_token,
+    reservoir_sample,
+    train_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +86,31 @@ def test_vocab_too_large_is_a_clear_error() -> None:
         train_tokenizer(["a b c", "b c d"] * 10, 5000)
     with pytest.raises(ValueError, match="model_type"):
         train_tokenizer(["a"], 100, model_type="word")
+
+
+def test_reservoir_sample_keeps_everything_when_the_stream_is_short() -> None:
+    assert reservoir_sample(iter(["a", "b", "c"]), 5, seed=0) == ["a", "b", "c"]
+    assert reservoir_sample(["a", "b", "c"], 3, seed=0) == ["a", "b", "c"]
+
+
+def test_reservoir_sample_is_uniform_and_seeded() -> None:
+    """4000 draws of 10 from 100 items: each item picked 400 times give or take 6 binomial sds (19)."""
+    counts = Counter()
+    for seed in range(4000):
+        picked = reservoir_sample(range(100), 10, seed)
+        assert len(set(picked)) == 10
+        counts.update(picked)
+    assert set(counts) == set(range(100))
+    assert all(abs(count - 400) < 6 * 19 for count in counts.values())
+    assert reservoir_sample(range(1000), 10, 7) == reservoir_sample(range(1000), 10, 7)
+    assert reservoir_sample(range(1000), 10, 7) != reservoir_sample(range(1000), 10, 8)
+
+
+def test_input_sentence_size_zero_trains_on_every_sentence() -> None:
+    text = [f"w{i} x{i % 7}" for i in range(200)]
+    assert (
+        train_tokenizer(text, 24, input_sentence_size=0).to_bytes()
+        == train_tokenizer(text, 24, input_sentence_size=200).to_bytes()
+    )
+    with pytest.raises(ValueError, match="input_sentence_size must be >= 0"):
+        train_tokenizer(text, 30, input_sentence_size=-1)

@@ -64,7 +64,7 @@ class TranslationDataModule(pl.LightningDataModule):
             (joint_vocab=False trains one model per side, both of vocab_size pieces).
         spm_input_sentence_size: sentences SentencePiece trains on, drawn at random (seeded) from
             larger corpora without reading the rest; 0 uses every sentence.
-        spm_seed: seeds that draw and SentencePiece itself: same data and settings give the same model.
+        spm_seed: seeds that draw, so the same data and settings give a byte-identical tokenizer.
         spm_num_threads: SentencePiece threads (default: the machine's cores); the model depends on
             it, so it is part of the cache key; fix it to share vocabularies across machines.
         content_key: find the cache by the corpus files' bytes rather than their paths and mtimes, so

@@ -72,7 +72,7 @@ class PipelineConfig:
     byte_fallback: bool = False
     joint_vocab: bool = True
     spm_input_sentence_size: int = 1_000_000  # SentencePiece memory grows with it (docs/DATA.md)
-    spm_seed: int = 0  # seeds the sentence sample and SentencePiece's own generator
+    spm_seed: int = 0  # seeds the sentence sample SentencePiece trains on
     spm_num_threads: int | None = None  # None: the machine's cores; the model depends on it (see DATA.md)
     target_lang_token: bool = False
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
+import itertools
+import math
 import os
+import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -95,6 +98,34 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def reservoir_sample(sentences: Iterable[str], size: int, seed: int) -> list[str]:
+    """A uniform sample of `size` sentences (all of them when fewer), in one pass and O(size) memory.
+
+    Algorithm L (Li, 1994): after the reservoir fills, it jumps geometrically distributed gaps instead
+    of drawing a number per sentence, so a long stream costs few random draws.
+    """
+    rng = random.Random(seed)
+    stream = iter(sentences)
+    reservoir = list(itertools.islice(stream, size))
+    if len(reservoir) < size:
+        return reservoir
+    weight = math.exp(math.log(rng.random()) / size)
+    while True:
+        skip = math.floor(math.log(rng.random()) / math.log(1.0 - weight))
+        picked = next(itertools.islice(stream, skip, None), None)
+        if picked is None:
+            return reservoir
+        reservoir[rng.randrange(size)] = picked
+        weight *= math.exp(math.log(rng.random()) / size)
+
+
+def _drain(sentences: list[str]) -> Iterator[str]:
+    """Yield and release the sentences in order, so the Python copy shrinks as SentencePiece copies them."""
+    sentences.reverse()
+    while sentences:
+        yield sentences.pop()
+
+
 def train_tokenizer(
     sentences: Iterable[str],
     vocab_size: int,
@@ -110,11 +141,12 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a SentencePiece model in memory with the fixed special ids.
 
-    `input_sentence_size` caps how many sentences SentencePiece samples (it shuffles them itself), so a
-    WMT-sized corpus trains in bounded memory. SentencePiece's random generator is seeded with `seed`
-    first (its sampling is otherwise unseeded), so the same sentences and settings give a byte-identical
-    model. `num_threads` defaults to the machine's cores. A vocab the data cannot fill raises a
-    ValueError naming both sizes, since SentencePiece's own message is an internal assertion.
+    `input_sentence_size` caps how many sentences SentencePiece trains on (0: no cap), so a WMT-sized
+    corpus trains in bounded memory. The cap is applied here by a reservoir sample seeded with `seed`, not by
+    SentencePiece: its own sampler ignores `set_random_generator_seed` (0.2.3 drew another sample in
+    every process), so the same sentences and settings give a byte-identical model only this way.
+    `num_threads` defaults to the machine's cores. A vocab the data cannot fill raises a ValueError
+    naming both sizes, since SentencePiece's own message is an internal assertion.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"spm model_type must be one of {MODEL_TYPES}, got {model_type!r}")
@@ -124,11 +156,15 @@ def train_tokenizer(
         raise ValueError(f"vocab_size {vocab_size} leaves no room beyond the special and user symbols")
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"spm num_threads must be >= 1, got {num_threads}")
+    if input_sentence_size < 0:
+        raise ValueError(f"input_sentence_size must be >= 0 (0: every sentence), got {input_sentence_size}")
+    sample = (
+        reservoir_sample(sentences, input_sentence_size, seed) if input_sentence_size else list(sentences)
+    )
     model = io.BytesIO()
-    spm.set_random_generator_seed(seed)  # process-wide; set right before the training it seeds
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
+            sentence_iterator=_drain(sample),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -139,8 +175,7 @@ def train_tokenizer(
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,  # all of `sample`: SentencePiece's own draw is unseeded
             seed_sentencepiece_size=seed_sentencepiece_size,
             num_threads=num_threads or default_threads(),
             minloglevel=2,
