@@ -300,9 +300,8 @@ def _train_tokenizers(config: PipelineConfig, samples: list[Path]) -> tuple[Toke
         "model_type": config.spm_model_type,
         "character_coverage": config.character_coverage,
         "byte_fallback": config.byte_fallback,
-        "input_sentence_size": config.spm_input_sentence_size,
+        "input_sentence_size": 0,  # the sample files hold the seeded draw: SentencePiece reads them whole
         "num_threads": config.spm_num_threads,
-        "seed": config.spm_seed,
     }
     src = train_tokenizer(read_spm_sample(samples[0]), user_defined_symbols=symbols, **kwargs)
     if config.joint_vocab:

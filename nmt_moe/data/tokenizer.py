@@ -158,13 +158,14 @@ def train_tokenizer(
         raise ValueError(f"spm num_threads must be >= 1, got {num_threads}")
     if input_sentence_size < 0:
         raise ValueError(f"input_sentence_size must be >= 0 (0: every sentence), got {input_sentence_size}")
-    sample = (
-        reservoir_sample(sentences, input_sentence_size, seed) if input_sentence_size else list(sentences)
-    )
+    if input_sentence_size:
+        sample = _drain(reservoir_sample(sentences, input_sentence_size, seed))
+    else:
+        sample = iter(sentences)  # streamed: a caller that drew its own sample holds no copy of it here
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_drain(sample),
+            sentence_iterator=sample,
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
