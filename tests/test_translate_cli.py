@@ -14,10 +14,11 @@ from test_checkpoint import tiny_checkpoint
 
 from nmt_moe.checkpoint import export_bundle, load_model
 from nmt_moe.cli import main
+from nmt_moe.data.batching import make_batches
+from nmt_moe.data.text_io import read_lines
 from nmt_moe.data.tokenizer import EOS_ID
 from nmt_moe.decoding import translate as translate_module
 from nmt_moe.decoding.beam import beam_search
-from nmt_moe.decoding.translate import make_batches, read_lines
 
 FAST = ["--max-len-b", "3", "--quiet"]  # random weights rarely emit EOS: keep outputs short
 

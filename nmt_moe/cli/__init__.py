@@ -1,7 +1,9 @@
-"""The `nmt-moe` entry point.
+"""The `nmt-moe` entry point: dispatches to one thin module per command in this package.
 
-Each subcommand lives with the code it drives; this file only dispatches, importing lazily so that
-`nmt-moe translate` does not pay for Lightning's import and `nmt-moe --help` answers at once.
+Each command module holds a typed function whose signature and docstring are its command line
+(jsonargparse, as litgpt; `train` is LightningCLI) and a `main(argv) -> int`; libraries never parse
+arguments. Modules are imported lazily, so `nmt-moe translate` does not pay for Lightning's import and
+`nmt-moe --help` answers at once. Exit codes: cli/errors.py.
 """
 
 from __future__ import annotations
@@ -11,25 +13,26 @@ import sys
 
 from nmt_moe.allocator import keep_freed_memory
 
-# subcommand -> (module holding `main(argv: list[str]) -> int | None`, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("nmt_moe.data.prepare", "clean, tokenize and cache a parallel corpus"),
-    "train": ("nmt_moe.training.cli", "train, validate or test a model (LightningCLI: fit/validate/test)"),
-    "translate": ("nmt_moe.decoding.translate", "translate a file or stdin with greedy or beam search"),
-    "score": ("nmt_moe.scoring", "log-probability of given translations (forced decoding), per line pair"),
-    "serve": ("nmt_moe.serving.app", "an HTTP translation server (FastAPI) with dynamic batching"),
-    "evaluate": ("nmt_moe.evaluation", "score hypotheses against references with sacreBLEU"),
-    "export": ("nmt_moe.checkpoint", "write a self-contained model bundle from a training checkpoint"),
-    "average": ("nmt_moe.averaging", "average the parameters of several checkpoints"),
-    "plan": ("nmt_moe.plan", "size a recipe without allocating it: parameters, FLOPs, memory per device"),
-    "routing": ("nmt_moe.routing", "report which tokens and languages each expert receives"),
+# command -> one-line help; the command's code is nmt_moe/cli/<command>.py
+COMMANDS: dict[str, str] = {
+    "prepare": "clean, tokenize and cache a parallel corpus",
+    "train": "train, validate or test a model (LightningCLI: fit/validate/test)",
+    "translate": "translate a file or stdin with greedy or beam search",
+    "score": "log-probability of given translations (forced decoding), per line pair",
+    "serve": "an HTTP translation server (FastAPI) with dynamic batching",
+    "evaluate": "score hypotheses against references with sacreBLEU",
+    "export": "write a self-contained model bundle from a training checkpoint",
+    "average": "average the parameters of several checkpoints",
+    "plan": "size a recipe without allocating it: parameters, FLOPs, memory per device",
+    "routing": "report which tokens and languages each expert receives",
 }
 
 
 def _usage() -> str:
     lines = ["usage: nmt-moe <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "Run `nmt-moe <command> --help` for the options of one command."]
+    lines += [f"  {name:<10} {help_}" for name, help_ in COMMANDS.items()]
+    lines += ["", "Run `nmt-moe <command> --help` for the options of one command; every command but train",
+              "also reads them from a YAML file given as --config."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -39,14 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in SUBCOMMANDS:
+    if command not in COMMANDS:
         print(f"nmt-moe: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     keep_freed_memory()  # before the first large tensor: training and decoding reuse their buffers
-    module = importlib.import_module(SUBCOMMANDS[command][0])
-    entry = getattr(module, f"{command}_main")
-    return int(entry(rest) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    module = importlib.import_module(f"nmt_moe.cli.{command}")
+    return int(module.main(rest) or 0)
