@@ -11,8 +11,9 @@ from nmt_moe.cli.parsing import Command, parse
 
 
 def average(output: Path, checkpoints: list[Path] | None = None, last: int | None = None) -> int:
-    """Average the weights of several checkpoints of one training run into a new checkpoint (for
-    translating or exporting; optimizer state is dropped).
+    """Average the weights of several checkpoints of one training run into a new checkpoint.
+
+    For translating or exporting: optimizer state is dropped.
 
     Args:
         output: checkpoint file to write

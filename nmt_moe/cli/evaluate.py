@@ -28,8 +28,9 @@ def evaluate(
     options: DecodeOptions = DecodeOptions(),  # noqa: B008 (frozen)
     batching: BatchOptions = BatchOptions(),  # noqa: B008 (frozen)
 ) -> int:
-    """sacreBLEU BLEU and chrF (with signatures) of a hypothesis file, or of the translation of --src by
-    -m MODEL, against one or more reference files.
+    """Score a hypothesis file, or a model's translation of --src, against references with sacreBLEU.
+
+    BLEU and chrF with their signatures; -i HYP or -m MODEL --src SRC, and one or more -r REF.
 
     Args:
         ref: reference file; repeat for more

@@ -11,8 +11,9 @@ from nmt_moe.cli.parsing import Command, parse
 
 
 def export(checkpoint: Path, output: Path) -> int:
-    """Write a self-contained model directory (weights.pt, config.json, sentencepiece.model) that
-    `nmt-moe translate -m DIR` can use with nothing else.
+    """Write a self-contained model directory from a training checkpoint.
+
+    weights.pt, config.json and sentencepiece.model: all `nmt-moe translate -m DIR` needs.
 
     Args:
         checkpoint: training checkpoint (.ckpt), sharded checkpoint directory or another export directory

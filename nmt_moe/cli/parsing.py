@@ -42,12 +42,24 @@ class Command:
 
 def build_parser(command: Command) -> ArgumentParser:
     doc = inspect.getdoc(command.function) or ""
-    parser = ArgumentParser(prog=command.prog, description=doc.split("\n\n")[0], exit_on_error=False)
+    parser = ArgumentParser(
+        prog=command.prog, description=doc.split("\n\n")[0], epilog=spellings(command), exit_on_error=False
+    )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these options")
     parser.add_function_arguments(command.function, skip=set(command.flat), fail_untyped=True)
     for cls in command.flat.values():
         parser.add_class_arguments(cls, nested_key=None, skip=set(command.skip), fail_untyped=True)
     return parser
+
+
+def spellings(command: Command) -> str:
+    """The help's note on the other spellings `canonical_argv` accepts."""
+    notes = [f"{short} for {long}" for short, long in command.aliases.items()]
+    notes += ["dashes for underscores (--max-len-b 3)", "a bare boolean flag for true (--quiet)",
+              "a list flag repeated (-m A -m B)"]  # fmt: skip
+    if command.positional:
+        notes.append(f"bare words for --{command.positional}")
+    return "Also accepted: " + "; ".join(notes) + "."
 
 
 def parse(command: Command, argv: Sequence[str]) -> dict[str, Any]:

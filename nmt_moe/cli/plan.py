@@ -21,8 +21,9 @@ def plan(
     gpu_memory_gib: float = 80.0,
     json: bool = False,
 ) -> int:
-    """Size a training config without allocating it: parameters (total and active), FLOPs per target
-    token, and memory per device.
+    """Size a training config without allocating it.
+
+    Parameters (total and active), FLOPs per target token, and memory per device, phase by phase.
 
     Args:
         recipe: training config YAML (as for `nmt-moe train fit --config`)

@@ -25,8 +25,9 @@ def routing(
     max_tokens: int = BatchOptions.max_tokens,
     device: str = "cpu",
 ) -> int:
-    """Report, per MoE layer, the tokens most often sent to each expert and each target language's expert
-    usage (table on stdout, routing.json and routing.png in the report directory).
+    """Report which tokens and which target languages each expert of a model receives.
+
+    Per MoE layer: a table on stdout, routing.json and routing.png in the report directory.
 
     Args:
         model: training checkpoint (.ckpt) or export dir
