@@ -115,3 +115,9 @@ def test_libraries_do_not_parse_arguments(library: str) -> None:
             imported.add(node.module)
     assert not {name for name in imported if name.split(".")[0] in ("argparse", "jsonargparse")}, library
     assert not {name for name in imported if name.startswith("nmt_moe.cli")}, library
+
+
+def test_an_unknown_command_is_one_line_and_exit_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["translat", "-m", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown command 'translat'" in err and "translate" in err

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"nmt-moe: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        known = ", ".join(COMMANDS)
+        message = f"unknown command {command!r} (one of {known}; see nmt-moe --help)"
+        print(f"nmt-moe: error: {message}", file=sys.stderr)
         return 2
     keep_freed_memory()  # before the first large tensor: training and decoding reuse their buffers
     module = importlib.import_module(f"nmt_moe.cli.{command}")
