@@ -6,9 +6,9 @@ from __future__ import annotations
 import json as jsonlib
 from pathlib import Path
 
+from nmt_moe.cli.common import MODEL_ALIASES, set_threads, warn_stderr
 from nmt_moe.cli.errors import UsageError, run_command
 from nmt_moe.cli.parsing import Command, parse
-from nmt_moe.cli.translate import MODEL_ALIASES, set_threads, warn_stderr
 from nmt_moe.data.text_io import one_line, read_text_file
 from nmt_moe.decoding.options import BatchOptions, DecodeOptions
 from nmt_moe.evaluation import Scores, format_scores, score

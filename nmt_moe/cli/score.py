@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from nmt_moe.cli.common import set_threads, warn_stderr
 from nmt_moe.cli.errors import run_command
 from nmt_moe.cli.parsing import Command, parse
-from nmt_moe.cli.translate import set_threads, warn_stderr
 from nmt_moe.data.text_io import InputError, read_text_file
 from nmt_moe.decoding.options import BatchOptions
 

@@ -7,9 +7,9 @@ import socket
 import sys
 from pathlib import Path
 
+from nmt_moe.cli.common import MODEL_ALIASES, set_threads
 from nmt_moe.cli.errors import UsageError, run_command
 from nmt_moe.cli.parsing import Command, parse
-from nmt_moe.cli.translate import MODEL_ALIASES, set_threads
 from nmt_moe.decoding.options import BatchOptions, DecodeOptions
 from nmt_moe.serving.app import Limits
 

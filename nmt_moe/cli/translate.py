@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from nmt_moe.checkpoint import atomic_write
+from nmt_moe.cli.common import MODEL_ALIASES, set_threads, warn_stderr
 from nmt_moe.cli.errors import UsageError, run_command
 from nmt_moe.cli.parsing import Command, parse
 from nmt_moe.data.text_io import read_lines
@@ -24,13 +23,6 @@ from nmt_moe.data.tokenizer import Tokenizer
 from nmt_moe.decoding.options import BatchOptions, DecodeOptions, SamplingOptions
 from nmt_moe.decoding.translate import format_output, stream_translate, translate_lines
 from nmt_moe.model_files import check_output_path
-
-# the flags every decoding command shares: the model, where it runs, and the short spellings
-MODEL_ALIASES = {"-m": "--model", "--beam": "--beam_size"}
-
-
-def warn_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def load_for_translation(paths: list[Path], device: str, int8: bool = False) -> tuple[Any, Tokenizer]:
@@ -44,11 +36,6 @@ def load_for_translation(paths: list[Path], device: str, int8: bool = False) -> 
         for member in members(model):
             quantize_int8(member)
     return model, tokenizer
-
-
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def translate(
