@@ -62,7 +62,7 @@ def parse_settings(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     try:
         if known.config:
             parser.set_defaults(**data_section(known.config))
-        args = parser.parse_args(argv)
+        args = parser.instantiate(parser.parse_args(argv))  # nested dataclass settings built as such
     except ArgumentError as error:
         raise ValueError(str(error)) from None
     settings = {k: v for k, v in vars(args).items() if k not in ("config", "summary_json", "__path__")}
