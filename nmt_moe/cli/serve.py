@@ -11,7 +11,8 @@ from nmt_moe.cli.common import MODEL_ALIASES, set_threads
 from nmt_moe.cli.errors import UsageError, run_command
 from nmt_moe.cli.parsing import Command, parse
 from nmt_moe.decoding.options import BatchOptions, DecodeOptions
-from nmt_moe.serving.app import Limits
+from nmt_moe.serving.app import Limits, create_app
+from nmt_moe.serving.batcher import BATCH_TOKENS, MAX_WAIT_S, DynamicBatcher
 
 
 def serve(
@@ -20,8 +21,8 @@ def serve(
     port: int = 8080,
     device: str = "cpu",
     threads: int | None = None,
-    batch_tokens: int = 8192,
-    batch_wait_ms: float = 5.0,
+    batch_tokens: int = BATCH_TOKENS,
+    batch_wait_ms: float = MAX_WAIT_S * 1000,
     max_request_lines: int = Limits.max_request_lines,
     max_request_bytes: int = Limits.max_request_bytes,
     max_beam: int = Limits.max_beam,
@@ -53,8 +54,6 @@ def serve(
     import uvicorn
 
     from nmt_moe.decoding.ensemble import load_models
-    from nmt_moe.serving.app import create_app
-    from nmt_moe.serving.batcher import DynamicBatcher
 
     set_threads(threads)
     try:  # the address first: a port in use is one line and exit 2, before minutes of model loading

@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from nmt_moe.data.text_io import encode_sources, target_prefix
-from nmt_moe.decoding.options import BatchOptions
+from nmt_moe.decoding.options import BatchOptions, DecodeOptions
 from nmt_moe.serving.batcher import DynamicBatcher, Settings
 
 
@@ -37,7 +37,7 @@ class TranslateRequest(BaseModel):
 
     text: list[str] = Field(min_length=1)
     beam: int | None = Field(default=None, ge=1)  # None: the server's --beam
-    nbest: int = Field(default=1, ge=1)
+    nbest: int = Field(default=DecodeOptions.nbest, ge=1)
     target_lang: str | None = None
 
 

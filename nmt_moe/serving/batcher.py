@@ -29,6 +29,9 @@ from nmt_moe.data.tokenizer import Tokenizer
 from nmt_moe.decoding.options import BatchOptions, DecodeOptions
 from nmt_moe.decoding.translate import translate_sources
 
+BATCH_TOKENS = 8192  # source tokens the worker gathers from queued requests per round
+MAX_WAIT_S = 0.005  # how long the worker waits for more requests after the first
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -67,8 +70,8 @@ class DynamicBatcher:
         tokenizer: Tokenizer,
         base_options: DecodeOptions,
         *,
-        batch_tokens: int = 8192,
-        max_wait_s: float = 0.005,
+        batch_tokens: int = BATCH_TOKENS,
+        max_wait_s: float = MAX_WAIT_S,
         max_tokens: int = BatchOptions.max_tokens,
         max_sentences: int = BatchOptions.max_sentences,
     ) -> None:
