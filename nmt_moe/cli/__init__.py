@@ -31,8 +31,11 @@ COMMANDS: dict[str, str] = {
 def _usage() -> str:
     lines = ["usage: nmt-moe <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, help_ in COMMANDS.items()]
-    lines += ["", "Run `nmt-moe <command> --help` for the options of one command; every command but train",
-              "also reads them from a YAML file given as --config."]  # fmt: skip
+    lines += [
+        "",
+        "Run `nmt-moe <command> --help` for the options of one command; every command also reads",
+        "them from a YAML file given as --config (train: `nmt-moe train fit --config FILE`).",
+    ]
     return "\n".join(lines)
 
 
