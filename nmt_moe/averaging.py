@@ -1,4 +1,5 @@
-"""Checkpoint averaging: the element-wise mean of the last checkpoints of a run (`nmt-moe average`).
+"""Checkpoint averaging: the element-wise mean of the last checkpoints of a run (`nmt-moe average`,
+nmt_moe/cli/average.py).
 
 Averaging the weights of the final few checkpoints smooths out the noise of the last updates; the recipes
 average the newest 3 of their periodic `step=N` checkpoints before exporting.
@@ -6,18 +7,14 @@ average the newest 3 of their periodic `step=N` checkpoints before exporting.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_weights_only, nmt_moe_section, run_cli
-from nmt_moe.model_files import check_output_path
+from nmt_moe.checkpoint import ModelLoadError, load_weights_only, nmt_moe_section
 from nmt_moe.sharded_checkpoint import (
     STATE_PREFIX,
     ShardedCheckpointError,
@@ -145,37 +142,3 @@ def last_checkpoints(directory: str | Path, n: int) -> list[Path]:
             f"{directory}: has {len(found)} checkpoints (last*.ckpt excluded), fewer than {n}"
         )
     return found[-n:]
-
-
-def average_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nmt-moe average",
-        description="Average the weights of several checkpoints of one training run into a new checkpoint "
-        "(for translating or exporting; optimizer state is dropped).",
-    )
-    parser.add_argument(
-        "checkpoints", nargs="*", type=Path,
-        help="checkpoints to average (.ckpt files, or sharded directories of an expert-parallel run)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--last", nargs=2, metavar=("N", "DIR"), help="average the N latest checkpoints in DIR"
-    )
-    parser.add_argument("-o", "--output", type=Path, required=True, help="checkpoint file to write")
-    args = parser.parse_args(argv)
-    if bool(args.checkpoints) == bool(args.last):
-        parser.error("give either checkpoint paths or --last N DIR")
-
-    def action() -> None:
-        check_output_path(args.output)  # before reading the checkpoints, not after averaging them
-        if args.last:
-            if not args.last[0].isdigit() or int(args.last[0]) < 1:
-                raise ModelLoadError(f"--last N must be a positive integer, got {args.last[0]!r}")
-            paths = last_checkpoints(args.last[1], int(args.last[0]))
-        else:
-            paths = args.checkpoints
-        averaged = average_checkpoints(paths)
-        with atomic_write(args.output) as handle:
-            torch.save(averaged, handle)
-        print(f"averaged {len(paths)} checkpoints -> {args.output}", file=sys.stderr)
-
-    return run_cli(parser.prog, action)

@@ -10,20 +10,19 @@ A model path is either
 
 Files are written atomically (temp file in the same directory, then `os.replace`), so an interrupted run
 never leaves a truncated file that looks complete. Problems with a model path raise `ModelLoadError`, whose
-one-line message says what is wrong and what to do; the CLIs print it and exit with code 2.
+one-line message says what is wrong and what to do; the CLIs print it and exit with code 2
+(nmt_moe/cli/errors.py). `nmt-moe export` is nmt_moe/cli/export.py.
 
 This module imports neither Lightning nor `datasets`: `nmt-moe translate` starts fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
 import re
 import shutil
-import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -322,35 +321,3 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 def _is_bundle(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-# --- command line ------------------------------------------------------------------------------------------
-
-
-def run_cli(prog: str, action: Any) -> int:
-    """Run a CLI's `action`; a ModelLoadError becomes a one-line message and exit code 2."""
-    try:
-        action()
-    except (ModelLoadError, OSError) as error:  # OSError: an output path that cannot be written
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def export_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nmt-moe export",
-        description="Write a self-contained model directory (weights.pt, config.json, sentencepiece.model) "
-        "that `nmt-moe translate -m DIR` can use with nothing else.",
-    )
-    parser.add_argument(
-        "checkpoint", type=Path, help="training checkpoint (.ckpt) or another export directory"
-    )
-    parser.add_argument("-o", "--output", type=Path, required=True, help="directory to write")
-    args = parser.parse_args(argv)
-
-    def action() -> None:
-        export_bundle(args.checkpoint, args.output)
-        print(f"exported {args.checkpoint} -> {args.output}", file=sys.stderr)
-
-    return run_cli(parser.prog, action)

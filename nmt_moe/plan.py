@@ -1,4 +1,4 @@
-"""`nmt-moe plan`: size a recipe before renting the GPUs for it.
+"""Size a recipe before renting the GPUs for it (`nmt-moe plan`, nmt_moe/cli/plan.py).
 
 Reads a training config (the YAML `nmt-moe train` takes), builds its Seq2Seq on the meta device (shapes
 only, no weights allocated, so a multi-billion-parameter model builds in seconds on a laptop) and reports:
@@ -15,10 +15,7 @@ only, no weights allocated, so a multi-billion-parameter model builds in seconds
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -443,46 +440,3 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in report["assumptions"]]
     return "\n".join(lines)
-
-
-def plan_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nmt-moe plan",
-        description="Size a training config without allocating it: parameters (total and active), FLOPs per "
-        "target token, and memory per device.",
-    )
-    parser.add_argument(
-        "config", type=Path, help="training config YAML (as for `nmt-moe train fit --config`)"
-    )
-    parser.add_argument("--gpus", type=int, default=1, help="devices in the job (default 1)")
-    parser.add_argument(
-        "--expert-parallel-size",
-        type=int,
-        default=1,
-        help="devices sharing one copy of the experts (default 1)",
-    )
-    parser.add_argument(
-        "--tokens-per-batch", type=int, help="tokens per device and step (default data.max_tokens)"
-    )
-    parser.add_argument(
-        "--src-len", type=float, default=30.0, help="mean source length in tokens (default 30)"
-    )
-    parser.add_argument(
-        "--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU to check the peak against (80)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = parser.parse_args(argv)
-    try:
-        report = plan(
-            args.config,
-            gpus=args.gpus,
-            expert_parallel_size=args.expert_parallel_size,
-            tokens_per_batch=args.tokens_per_batch,
-            src_len=args.src_len,
-            gpu_memory_gib=args.gpu_memory_gib,
-        )
-    except (PlanError, OSError, yaml.YAMLError) as error:
-        print(f"nmt-moe plan: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2) if args.json else format_plan(report))
-    return 0

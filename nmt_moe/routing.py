@@ -1,4 +1,4 @@
-"""`nmt-moe routing`: which tokens and which target languages each expert of a trained model receives.
+"""Which tokens and which target languages each expert of a trained model receives.
 
 The analysis the MoE papers show (experts that specialise in syntax, punctuation, a language), for any
 model: run it over a text file and count, per MoE layer, every (token, expert) assignment.
@@ -20,10 +20,7 @@ expert) to the report directory, and prints a table.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,11 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nmt_moe.checkpoint import ModelLoadError, load_model
-from nmt_moe.data.batching import pad_ids
+from nmt_moe.data.batching import make_batches, pad_ids
+from nmt_moe.data.text_io import encode_sources
 from nmt_moe.data.tokenizer import BOS_ID, PAD_ID, Tokenizer, lang_token
 from nmt_moe.decoding.greedy import greedy_decode
-from nmt_moe.decoding.translate import encode_sources, make_batches, read_lines
+from nmt_moe.decoding.options import BatchOptions
 from nmt_moe.models import Seq2Seq
 from nmt_moe.moe import MoELayer
 
@@ -78,7 +75,7 @@ def route(
     num_languages: int,
     targets: Sequence[list[int]] | None = None,
     *,
-    max_tokens: int = 4096,
+    max_tokens: int = BatchOptions.max_tokens,
     max_sentences: int = 128,
 ) -> tuple[dict[str, LayerRouting], int]:
     """Counts per MoE layer for `sources` (ids + EOS, as `encode_sources` makes them; empty = skipped).
@@ -181,8 +178,8 @@ def routing_report(
     langs: Sequence[str] = (),
     lang_of_line: Sequence[str] | None = None,
     target_lang: str | None = None,
-    max_tokens: int = 4096,
-    max_input_tokens: int = 1024,
+    max_tokens: int = BatchOptions.max_tokens,
+    max_input_tokens: int = BatchOptions.max_input_tokens,
 ) -> RoutingReport:
     """Route `lines` (once per language of `langs`, tag-prefixed, when given) and count."""
     if targets is not None and len(targets) != len(lines):
@@ -293,45 +290,3 @@ def plot_report(report: RoutingReport, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def routing_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nmt-moe routing",
-        description="Report, per MoE layer, the tokens most often sent to each expert and each target "
-        "language's expert usage (table on stdout, routing.json and routing.png in the report directory).",
-    )
-    parser.add_argument("-m", "--model", type=Path, required=True, help="checkpoint (.ckpt) or export dir")
-    parser.add_argument("-i", "--input", type=Path, required=True, help="source text, one sentence a line")
-    parser.add_argument("--tgt", type=Path, help="references to teacher-force on (default: greedy output)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--langs", help="comma-separated target languages: route every line into each")
-    group.add_argument("--lang-of-line", type=Path, help="file with one language code per input line")
-    group.add_argument("--target-lang", help="prefix this <2xx> tag to every line")
-    parser.add_argument("-o", "--output", type=Path, default=Path("routing"), help="report directory")
-    parser.add_argument("--top", type=int, default=8, help="pieces shown per expert (default 8)")
-    parser.add_argument("--max-experts", type=int, default=32, help="experts shown per layer, most loaded")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="batch budget in source tokens")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    args = parser.parse_args(argv)
-    try:
-        model, tokenizer = load_model(args.model, args.device)
-        lines = read_lines(args.input.read_bytes(), str(args.input))
-        targets = read_lines(args.tgt.read_bytes(), str(args.tgt)) if args.tgt else None
-        lang_of_line = None
-        if args.lang_of_line:
-            lang_of_line = read_lines(args.lang_of_line.read_bytes(), str(args.lang_of_line))
-        langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()] if args.langs else []
-        report = routing_report(
-            model, tokenizer, lines, targets=targets, langs=langs, lang_of_line=lang_of_line,
-            target_lang=args.target_lang, max_tokens=args.max_tokens,
-        )  # fmt: skip
-    except (ModelLoadError, ValueError, OSError) as error:
-        print(f"nmt-moe routing: error: {error}", file=sys.stderr)
-        return 2
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "routing.json").write_text(json.dumps(to_json(report, tokenizer), ensure_ascii=False))
-    plot_report(report, args.output / "routing.png")
-    print(format_report(report, tokenizer, max_experts=args.max_experts, top=args.top))
-    print(f"\nwrote {args.output / 'routing.json'} and {args.output / 'routing.png'}")
-    return 0

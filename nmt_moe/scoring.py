@@ -1,4 +1,5 @@
-"""`nmt-moe score`: the model's log-probability of given translations (forced decoding), batched.
+"""Forced decoding (`nmt-moe score`, nmt_moe/cli/score.py): the model's log-probability of given
+translations, batched.
 
 For each (source, target) line pair the score is log P(target + EOS | source), summed over target tokens:
 the same number beam search reports as a hypothesis' `log_prob` (its score without length or coverage
@@ -14,19 +15,16 @@ input order, one line per pair. An empty (or whitespace-only) source line is sco
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from nmt_moe.checkpoint import ModelLoadError, atomic_write, load_model
-from nmt_moe.data.batching import pad_ids
-from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, lang_token
+from nmt_moe.data.batching import make_batches, pad_ids
+from nmt_moe.data.text_io import encode_sources, target_prefix
+from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from nmt_moe.decoding.options import BatchOptions
 from nmt_moe.decoding.search import eval_mode
-from nmt_moe.decoding.translate import InputError, encode_sources, make_batches, read_lines, warn_stderr
 
 
 @torch.no_grad()
@@ -53,8 +51,8 @@ def score_pairs(
     sources: Sequence[list[int]],
     targets: Sequence[list[int]],
     *,
-    max_tokens: int = 4096,
-    max_sentences: int = 256,
+    max_tokens: int = BatchOptions.max_tokens,
+    max_sentences: int = BatchOptions.max_sentences,
 ) -> list[list[float]]:
     """Per-token log-probs for every pair, in input order; batches sorted by length like `translate`."""
     if len(sources) != len(targets):
@@ -75,11 +73,13 @@ def encode_pairs(
     *,
     max_input_tokens: int,
     target_lang: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Model input ids per source (as `translate` builds them) and target ids per target line."""
-    prefix = [tokenizer.token_id(lang_token(target_lang))] if target_lang else []
+    """Model input ids per source (as `translate` builds them; `warn` hears of truncated lines) and target
+    ids per target line."""
+    prefix = target_prefix(tokenizer, target_lang)
     sources = encode_sources(src_lines, tokenizer, max_input_tokens=max_input_tokens, prefix=prefix,
-                             warn=warn_stderr)  # fmt: skip
+                             warn=warn)  # fmt: skip
     sources = [s or [*prefix, EOS_ID] for s in sources]  # an empty source is scored as EOS alone
     encoded = tokenizer.encode(tgt_lines)
     targets = [[] if line.isspace() else ids for line, ids in zip(tgt_lines, encoded, strict=True)]
@@ -91,57 +91,3 @@ def format_scores(per_token: Sequence[list[float]], per_token_output: bool) -> s
     if per_token_output:
         return "".join(" ".join(f"{x:.6f}" for x in row) + "\n" for row in per_token)
     return "".join(f"{sum(row):.6f}\n" for row in per_token)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nmt-moe score",
-        description="Log-probability of each target line given its source line (one output line per pair).",
-    )
-    parser.add_argument("-m", "--model", type=Path, required=True, help="checkpoint or export dir")
-    parser.add_argument("--src", type=Path, required=True, help="source text, UTF-8, one sentence per line")
-    parser.add_argument("--tgt", type=Path, required=True, help="target text, one line per source line")
-    parser.add_argument("-o", "--output", type=Path, help="output file, written atomically (default stdout)")
-    parser.add_argument("--per-token", action="store_true", help="one log-prob per target token and EOS")
-    parser.add_argument("--target-lang", help="prepend the <2xx> tag (models trained with target_lang_token)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
-    parser.add_argument("--max-sentences", type=int, default=256, help="pairs per batch (default 256)")
-    parser.add_argument("--max-input-tokens", type=int, default=1024, help="longer sources are truncated")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    return parser
-
-
-def score_main(argv: list[str]) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.max_tokens < 1 or args.max_sentences < 1 or args.max_input_tokens < 3:
-        parser.error("--max-tokens and --max-sentences must be >= 1, --max-input-tokens >= 3")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        src_lines = read_lines(args.src.read_bytes(), str(args.src))
-        tgt_lines = read_lines(args.tgt.read_bytes(), str(args.tgt))
-        if len(src_lines) != len(tgt_lines):
-            raise InputError(f"{args.src} has {len(src_lines)} lines but {args.tgt} has {len(tgt_lines)}")
-        model, tokenizer = load_model(args.model, args.device)
-        sources, targets = encode_pairs(
-            tokenizer,
-            src_lines,
-            tgt_lines,
-            max_input_tokens=args.max_input_tokens,
-            target_lang=args.target_lang,
-        )
-        per_token = score_pairs(model, sources, targets, max_tokens=args.max_tokens,
-                                max_sentences=args.max_sentences)  # fmt: skip
-    except (InputError, ModelLoadError, OSError, KeyError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    text = format_scores(per_token, args.per_token)
-    if args.output is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        with atomic_write(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    return 0

@@ -379,7 +379,8 @@ def translate_ours(
 
     from nmt_moe.checkpoint import load_model
     from nmt_moe.decoding.int8 import quantize_int8
-    from nmt_moe.decoding.translate import DecodeOptions, translate_lines
+    from nmt_moe.decoding.options import DecodeOptions
+    from nmt_moe.decoding.translate import translate_lines
 
     torch.set_num_threads(args.threads)
     fp32, tokenizer = load_model(export)

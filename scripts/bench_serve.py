@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 from nmt_moe.checkpoint import load_model, save_checkpoint
-from nmt_moe.decoding.translate import DecodeOptions, translate_lines
+from nmt_moe.decoding.options import DecodeOptions
+from nmt_moe.decoding.translate import translate_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"

@@ -40,9 +40,11 @@ from typing import Any
 import torch
 
 from nmt_moe.checkpoint import export_bundle, load_model, save_checkpoint
+from nmt_moe.data.text_io import encode_sources
 from nmt_moe.data.tokenizer import Tokenizer, train_tokenizer
 from nmt_moe.decoding.int8 import quantize_int8
-from nmt_moe.decoding.translate import DecodeOptions, encode_sources, translate_sources
+from nmt_moe.decoding.options import DecodeOptions
+from nmt_moe.decoding.translate import translate_sources
 from nmt_moe.models import Seq2Seq
 from nmt_moe.models.seq2seq import parameter_counts
 

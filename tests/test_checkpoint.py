@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmt_moe.averaging import average_checkpoints, average_main, last_checkpoints
+from nmt_moe.averaging import average_checkpoints, last_checkpoints
 from nmt_moe.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -22,10 +22,11 @@ from nmt_moe.checkpoint import (
     ModelLoadError,
     atomic_write,
     export_bundle,
-    export_main,
     load_model,
     save_checkpoint,
 )
+from nmt_moe.cli.average import main as average_main
+from nmt_moe.cli.export import main as export_main
 from nmt_moe.data.tokenizer import Tokenizer, train_tokenizer
 from nmt_moe.decoding.beam import beam_search
 from nmt_moe.models import Seq2Seq

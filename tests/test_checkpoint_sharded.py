@@ -18,8 +18,9 @@ import torch
 from test_checkpoint import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 import nmt_moe.sharded_checkpoint as sharded
-from nmt_moe.averaging import average_checkpoints, average_main
+from nmt_moe.averaging import average_checkpoints
 from nmt_moe.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, ModelLoadError, export_bundle, load_model
+from nmt_moe.cli.average import main as average_main
 from nmt_moe.data.tokenizer import Tokenizer
 from nmt_moe.models import Seq2Seq
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_data_datamodule import write_corpus
 
-from nmt_moe.data.prepare import prepare_main
+from nmt_moe.cli.prepare import main as prepare_main
 
 
 def test_flags_build_then_hit_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,8 +17,9 @@ from test_beam import ToyModel, toy_batch
 
 from nmt_moe.decoding.beam import beam_search
 from nmt_moe.decoding.greedy import greedy_decode
+from nmt_moe.decoding.options import DecodeOptions
 from nmt_moe.decoding.search import EOS_ID
-from nmt_moe.decoding.translate import DecodeOptions, search_batch
+from nmt_moe.decoding.translate import search_batch
 from nmt_moe.models import Seq2Seq
 
 MODEL_KINDS = [

@@ -10,9 +10,9 @@ from test_checkpoint import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 from nmt_moe.checkpoint import save_checkpoint
 from nmt_moe.cli import main
+from nmt_moe.data.text_io import encode_sources
 from nmt_moe.data.tokenizer import BOS_ID
 from nmt_moe.decoding.ensemble import Ensemble, load_models
-from nmt_moe.decoding.translate import encode_sources
 
 LINES = "a man plays with the ball\n\nthe red cat sits on a big blue house\nsmall dog\n"
 FAST = ["--max-len-b", "4", "--quiet"]

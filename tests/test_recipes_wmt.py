@@ -41,7 +41,7 @@ def load_script(path: Path):  # noqa: ANN201 - a module
 
 def print_config(*configs: Path) -> tuple[int, str]:
     """Exit code and output of `nmt-moe train fit --config ... --print_config` (parses, builds nothing)."""
-    from nmt_moe.training.cli import train_main
+    from nmt_moe.cli.train import main as train_main
 
     args = ["fit"]
     for config in configs:

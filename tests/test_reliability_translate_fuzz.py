@@ -15,7 +15,7 @@ import pytest
 from test_checkpoint import WORDS, tiny_checkpoint
 
 from nmt_moe.cli import main
-from nmt_moe.decoding.translate import read_lines
+from nmt_moe.data.text_io import read_lines
 
 SEED, CASES = 1234, 24
 # random weights rarely emit EOS: at most 3 output tokens keeps every case fast, long inputs included;

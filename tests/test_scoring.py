@@ -12,9 +12,9 @@ from tiny_trained import trained_tiny_checkpoint
 
 from nmt_moe.checkpoint import load_model
 from nmt_moe.cli import main
+from nmt_moe.data.text_io import encode_sources
 from nmt_moe.decoding.beam import beam_search
 from nmt_moe.decoding.search import max_target_lengths
-from nmt_moe.decoding.translate import encode_sources
 from nmt_moe.scoring import score_pairs
 
 LINES = ["a man plays with the ball", "", "the red cat sits", "small dog on a big blue house street", "a"]

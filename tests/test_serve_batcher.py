@@ -8,7 +8,9 @@ from concurrent.futures import wait
 from test_checkpoint import tiny_corpus
 from tiny_trained import trained_tiny_model
 
-from nmt_moe.decoding.translate import DecodeOptions, encode_sources, translate_lines
+from nmt_moe.data.text_io import encode_sources
+from nmt_moe.decoding.options import DecodeOptions
+from nmt_moe.decoding.translate import translate_lines
 from nmt_moe.serving.batcher import DynamicBatcher, Settings
 
 

@@ -14,10 +14,11 @@ from test_checkpoint import tiny_checkpoint
 
 from nmt_moe.checkpoint import export_bundle, load_model
 from nmt_moe.cli import main
+from nmt_moe.data.batching import make_batches
+from nmt_moe.data.text_io import read_lines
 from nmt_moe.data.tokenizer import EOS_ID
 from nmt_moe.decoding import translate as translate_module
 from nmt_moe.decoding.beam import beam_search
-from nmt_moe.decoding.translate import make_batches, read_lines
 
 FAST = ["--max-len-b", "3", "--quiet"]  # random weights rarely emit EOS: keep outputs short
 
@@ -178,6 +179,25 @@ def test_bad_option_combinations_exit_2(checkpoint: Path, capsys: pytest.Capture
         run("-m", checkpoint, "--beam", "0")
     assert run("-m", Path("/nonexistent/model.ckpt"), "-i", Path(__file__)) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_config_file_translates_like_the_flags(checkpoint: Path, tmp_path: Path) -> None:
+    """Every flag, the generated search flags included, is a YAML key of `--config`; flags after it win."""
+    source = tmp_path / "in.txt"
+    source.write_text("a man plays with the ball\n\nthe cat sits on a big blue ball\n")
+    flags = ["-i", source, "--beam", "3", "--nbest", "2", "--alpha", "0.2", "--output-format", "jsonl"]
+    assert run("-m", checkpoint, "-o", tmp_path / "flags.jsonl", *flags, *FAST) == 0
+    config = tmp_path / "translate.yaml"
+    settings = {
+        "model": [str(checkpoint)], "input": str(source), "beam_size": 3, "nbest": 2, "alpha": 0.2,
+        "output_format": "jsonl", "max_len_b": 3, "quiet": True, "output": str(tmp_path / "x"),
+    }  # fmt: skip
+    config.write_text(json.dumps(settings))  # JSON is YAML
+    assert run("--config", config, "-o", tmp_path / "config.jsonl") == 0
+    assert (tmp_path / "config.jsonl").read_text() == (tmp_path / "flags.jsonl").read_text()
+    assert not (tmp_path / "x").exists()
+    rows = [json.loads(row) for row in (tmp_path / "config.jsonl").read_text().splitlines()]
+    assert [len(row.get("nbest", [])) for row in rows] == [2, 0, 2]  # the empty line has no n-best list
 
 
 def test_stdin_to_stdout_without_lightning(checkpoint: Path) -> None:

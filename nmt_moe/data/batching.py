@@ -201,6 +201,25 @@ class TokenBatchSampler(Sampler[list[int]]):
         self._resume_at = self._yielded = state["yielded"]
 
 
+def make_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int) -> list[list[int]]:
+    """Indices of the non-empty id lists (decoding, scoring), longest first, grouped so that
+    batch size * longest <= max_tokens; a list longer than the budget gets a batch of its own."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        current = batches[-1] if batches else None
+        # the first index of a batch is its longest source
+        if (
+            current
+            and len(current) < max_sentences
+            and (len(current) + 1) * lengths[current[0]] <= max_tokens
+        ):
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 def pad_ids(rows: Sequence[Sequence[int]]) -> torch.Tensor:
     """Token id lists right-padded with PAD_ID into one [B, max length] long tensor: the one padding rule
     of training batches, decoding, scoring and routing."""

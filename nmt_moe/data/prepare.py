@@ -1,50 +1,22 @@
-"""`nmt-moe prepare`: run the data pipeline ahead of training and print what it did.
-
-Reads the same settings as training's `data:` section, from a config file (a full `nmt-moe train`
-config or a file of data settings alone) and/or flags named after `TranslationDataModule`'s arguments:
-
-    nmt-moe prepare --config recipes/multi30k/config.yaml
-    nmt-moe prepare --src_lang en --tgt_lang de --train data/train --valid data/val --vocab_size 8000
+"""What `nmt-moe prepare` (nmt_moe/cli/prepare.py) does: run the data pipeline ahead of training and
+summarise it: pairs kept per filter, vocabulary, tokens per side, padding of the batches.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import logging
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import yaml
-from jsonargparse import ArgumentError, ArgumentParser
 
 from nmt_moe.data.datamodule import TranslationDataModule
 
 
-def _data_section(config_path: str) -> dict[str, Any]:
-    """The data settings in a config file: its `data:` section (LightningCLI layout) or the whole file."""
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    loaded = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    section = loaded.get("data", loaded)
-    if isinstance(section, dict) and "init_args" in section:  # data: {class_path: ..., init_args: {...}}
-        section = section["init_args"]
-    return dict(section or {})
-
-
-def _parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="nmt-moe prepare", description=__doc__, exit_on_error=False)
-    parser.add_argument("--config", help="YAML with a data: section (or data settings at the top level)")
-    parser.add_argument("--summary_json", help="also write the summary to this JSON file")
-    parser.add_class_arguments(TranslationDataModule, fail_untyped=False)
-    return parser
+def prepare(settings: dict[str, Any]) -> dict[str, Any]:
+    """Build (or find in its cache) the data a `TranslationDataModule(**settings)` trains on; its summary."""
+    start = time.perf_counter()
+    dm = TranslationDataModule(**settings)
+    dm.prepare_data()
+    dm.setup("fit")
+    return summarize(dm, time.perf_counter() - start)
 
 
 def summarize(dm: TranslationDataModule, seconds: float) -> dict[str, Any]:
@@ -78,58 +50,3 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"train: {summary['train_batches_per_epoch']} batches per epoch at max_tokens={summary['max_tokens']}"
     )
     return "\n".join(lines)
-
-
-BAD_INPUT = (ValueError, OSError, ConnectionError, KeyError, yaml.YAMLError)  # FileNotFoundError: OSError
-
-
-def _error(error: BaseException) -> int:
-    """Bad input: one line on stderr, exit code 2 (as the other commands), no traceback."""
-    message = " ".join(str(error).split()) or type(error).__name__
-    print(f"nmt-moe prepare: error: {message}", file=sys.stderr)
-    return 2
-
-
-@contextlib.contextmanager
-def _progress_on_stdout() -> Iterator[None]:
-    """Progress (our log lines, `datasets`' progress bars, library warnings) goes to stdout, beside the
-    summary, so that stderr holds nothing but the one error line of a failed run, however late it fails."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    level = root.level
-    root.setLevel(logging.INFO)
-    try:
-        with contextlib.redirect_stderr(sys.stdout):
-            yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
-def prepare_main(argv: list[str]) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    parser = _parser()
-    try:
-        if known.config:
-            parser.set_defaults(**_data_section(known.config))
-        args = parser.parse_args(argv)
-    except (*BAD_INPUT, ArgumentError) as error:
-        return _error(error)
-    init = {k: v for k, v in vars(args).items() if k not in ("config", "summary_json", "__path__")}
-    start = time.perf_counter()
-    try:
-        with _progress_on_stdout():
-            dm = TranslationDataModule(**init)
-            dm.prepare_data()
-            dm.setup("fit")
-    except BAD_INPUT as error:
-        return _error(error)
-    summary = summarize(dm, time.perf_counter() - start)
-    print(format_summary(summary))
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
-    return 0

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from nmt_moe.decoding.finished import Finished, Hypothesis
+from nmt_moe.decoding.options import DecodeOptions
 from nmt_moe.decoding.penalties import coverage_penalty, length_penalty
 from nmt_moe.decoding.search import BOS_ID, EOS_ID, block_eos_, eval_mode, max_target_lengths
 
@@ -200,13 +201,13 @@ def beam_search(
     src: Tensor,
     src_lengths: Tensor,
     *,
-    beam_size: int = 5,
-    nbest: int = 1,
-    alpha: float = 0.0,
-    beta: float = 0.0,
-    max_len_a: float = 1.5,
-    max_len_b: float = 10,
-    min_len: int = 0,
+    beam_size: int = DecodeOptions.beam_size,
+    nbest: int = DecodeOptions.nbest,
+    alpha: float = 0.0,  # the raw model score; DecodeOptions.alpha is the length penalty the CLIs use
+    beta: float = DecodeOptions.beta,
+    max_len_a: float = DecodeOptions.max_len_a,
+    max_len_b: float = DecodeOptions.max_len_b,
+    min_len: int = DecodeOptions.min_len,
     return_experts: bool = False,
 ) -> list[list[Hypothesis]]:
     """Translate a batch; returns per sentence its `nbest` best hypotheses, best first.

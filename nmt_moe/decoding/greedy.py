@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nmt_moe.decoding.options import DecodeOptions
 from nmt_moe.decoding.search import BOS_ID, EOS_ID, block_eos_, eval_mode, max_target_lengths
 
 
@@ -22,9 +23,9 @@ def greedy_decode(
     src: Tensor,
     src_lengths: Tensor,
     *,
-    max_len_a: float = 1.5,
-    max_len_b: float = 10,
-    min_len: int = 0,
+    max_len_a: float = DecodeOptions.max_len_a,
+    max_len_b: float = DecodeOptions.max_len_b,
+    min_len: int = DecodeOptions.min_len,
     pick: Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[list[list[int]], Tensor]:
     """Most probable next token at each step for a batch: src [B, S], src_lengths [B].

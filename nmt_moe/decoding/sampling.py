@@ -16,32 +16,16 @@ EOS included: what `nmt-moe score` gives the same pair.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from nmt_moe.decoding.greedy import greedy_decode
+from nmt_moe.decoding.options import DecodeOptions, SamplingOptions
 from nmt_moe.decoding.search import max_target_lengths
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio): spreads (seed, line) pairs apart
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = no top-k cut
-    top_p: float = 1.0  # 1 = no nucleus cut
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def sentence_uniforms(seed: int, sentence_ids: Sequence[int], lengths: Sequence[int], steps: int) -> Tensor:
@@ -78,9 +62,9 @@ def sample_decode(
     sentence_ids: Sequence[int],
     options: SamplingOptions,
     *,
-    max_len_a: float = 1.5,
-    max_len_b: float = 10,
-    min_len: int = 0,
+    max_len_a: float = DecodeOptions.max_len_a,
+    max_len_b: float = DecodeOptions.max_len_b,
+    min_len: int = DecodeOptions.min_len,
 ) -> tuple[list[list[int]], Tensor]:
     """One sample per sentence of src [B, S]: token ids (no BOS/EOS) and model log-probs [B]."""
     max_len = max_target_lengths(src_lengths, max_len_a, max_len_b)  # [B]

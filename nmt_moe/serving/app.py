@@ -1,4 +1,5 @@
-"""`nmt-moe serve -m MODEL [--host 127.0.0.1] [--port 8080]`: translation over HTTP (FastAPI + uvicorn).
+"""Translation over HTTP (FastAPI + uvicorn), started by `nmt-moe serve -m MODEL [--host H] [--port P]`
+(nmt_moe/cli/serve.py).
 
     POST /translate  {"text": ["...", ...], "beam": 5, "nbest": 1, "target_lang": null}
                   -> {"translations": ["...", ...]}           (nbest > 1: a list of n strings per line)
@@ -10,34 +11,24 @@ batched by one model worker (batcher.py). Bad requests get a 4xx JSON `{"error":
 goes on: malformed JSON (400), wrong fields or values (422), a body over --max-request-bytes or more than
 --max-request-lines lines (413), an unknown target language (400).
 
-The model is loaded before the port opens, so a bad model path stops `serve` with one line and exit 2.
+The address is bound first, then the model is loaded: a port in use or a bad model path stops `serve` with
+one line and exit 2 before the server answers anything.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import socket
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from nmt_moe.checkpoint import ModelLoadError
-from nmt_moe.data.tokenizer import lang_token
-from nmt_moe.decoding.ensemble import load_models
-from nmt_moe.decoding.translate import (
-    add_decoding_arguments,
-    check_decoding_arguments,
-    decode_options,
-    encode_sources,
-)
+from nmt_moe.data.text_io import encode_sources, target_prefix
+from nmt_moe.decoding.options import BatchOptions, DecodeOptions
 from nmt_moe.serving.batcher import DynamicBatcher, Settings
 
 
@@ -46,7 +37,7 @@ class TranslateRequest(BaseModel):
 
     text: list[str] = Field(min_length=1)
     beam: int | None = Field(default=None, ge=1)  # None: the server's --beam
-    nbest: int = Field(default=1, ge=1)
+    nbest: int = Field(default=DecodeOptions.nbest, ge=1)
     target_lang: str | None = None
 
 
@@ -55,7 +46,7 @@ class Limits:
     max_request_lines: int = 256
     max_request_bytes: int = 1 << 20
     max_beam: int = 16
-    max_input_tokens: int = 1024
+    max_input_tokens: int = BatchOptions.max_input_tokens
 
 
 class RequestError(Exception):
@@ -134,69 +125,8 @@ def prepare(
         raise RequestError(422, "text: one line per item, without newline characters")
     tokenizer = batcher.tokenizer
     try:
-        prefix = [tokenizer.token_id(lang_token(body.target_lang))] if body.target_lang else []
+        prefix = target_prefix(tokenizer, body.target_lang)
     except KeyError:
         raise RequestError(400, f"target_lang: the model has no tag for {body.target_lang!r}") from None
     sources = encode_sources(body.text, tokenizer, max_input_tokens=limits.max_input_tokens, prefix=prefix)
     return sources, Settings(beam, body.nbest)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nmt-moe serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    add_decoding_arguments(parser, ensemble=True)
-    group = parser.add_argument_group("batching and limits")
-    group.add_argument(
-        "--batch-tokens",
-        type=int,
-        default=8192,
-        help="source tokens the worker gathers from queued requests per round (8192)",
-    )
-    group.add_argument(
-        "--batch-wait-ms",
-        type=float,
-        default=5.0,
-        help="how long the worker waits for more requests after the first (5 ms)",
-    )
-    group.add_argument("--max-request-lines", type=int, default=256, help="lines per request (256)")
-    group.add_argument("--max-request-bytes", type=int, default=1 << 20, help="request body bytes (1 MiB)")
-    group.add_argument("--max-beam", type=int, default=16, help="largest beam a request may ask for (16)")
-    return parser  # fmt: skip
-
-
-def serve_main(argv: list[str]) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not args.model:
-        parser.error("-m/--model is required")
-    check_decoding_arguments(parser, args)
-    if min(args.batch_tokens, args.max_request_lines, args.max_request_bytes, args.max_beam) < 1:
-        parser.error("--batch-tokens, --max-request-lines, --max-request-bytes and --max-beam must be >= 1")
-    if not 0 <= args.port < 65536 or args.batch_wait_ms < 0:
-        parser.error("--port must be in 0..65535 and --batch-wait-ms >= 0")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:  # the address first: a port in use is one line and exit 2, before minutes of model loading
-        listener = socket.create_server((args.host, args.port))
-    except OSError as error:
-        print(f"{parser.prog}: error: cannot listen: {error.strerror}", file=sys.stderr)
-        return 2
-    try:
-        model, tokenizer = load_models(args.model, args.device)
-    except (ModelLoadError, OSError) as error:
-        listener.close()
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-    batcher = DynamicBatcher(
-        model, tokenizer, decode_options(args), batch_tokens=args.batch_tokens,
-        max_wait_s=args.batch_wait_ms / 1000, max_tokens=args.max_tokens, max_sentences=args.max_sentences,
-    )  # fmt: skip
-    limits = Limits(args.max_request_lines, args.max_request_bytes, args.max_beam, args.max_input_tokens)
-    app = create_app(batcher, limits, default_beam=args.beam)
-    port = listener.getsockname()[1]  # the one the system chose for --port 0
-    print(f"{parser.prog}: model loaded; listening on http://{args.host}:{port}", file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
-    return 0

@@ -24,8 +24,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from nmt_moe.data.text_io import one_line
 from nmt_moe.data.tokenizer import Tokenizer
-from nmt_moe.decoding.translate import DecodeOptions, one_line, translate_sources
+from nmt_moe.decoding.options import BatchOptions, DecodeOptions
+from nmt_moe.decoding.translate import translate_sources
+
+BATCH_TOKENS = 8192  # source tokens the worker gathers from queued requests per round
+MAX_WAIT_S = 0.005  # how long the worker waits for more requests after the first
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,10 @@ class DynamicBatcher:
         tokenizer: Tokenizer,
         base_options: DecodeOptions,
         *,
-        batch_tokens: int = 8192,
-        max_wait_s: float = 0.005,
-        max_tokens: int = 4096,
-        max_sentences: int = 256,
+        batch_tokens: int = BATCH_TOKENS,
+        max_wait_s: float = MAX_WAIT_S,
+        max_tokens: int = BatchOptions.max_tokens,
+        max_sentences: int = BatchOptions.max_sentences,
     ) -> None:
         self.model, self.tokenizer, self.base_options = model, tokenizer, base_options
         self.batch_tokens, self.max_wait_s = batch_tokens, max_wait_s

@@ -17,6 +17,9 @@ Subcommands `fit`, `validate`, `test` (and `--print_config`) come from Lightning
   SIGINT/SIGTERM save `last.ckpt` and stop (`--interrupt.*`, exit code 128 + signal), non-finite steps are
   skipped and too many in a row stop the run (`--nonfinite.*`, exit code 3), per-step seeding for exact
   resumes (`--step_seed.*`); an unusable checkpoint is a one-line error (exit code 2).
+
+The model, data and trainer flags are LightningCLI's, built in `nmt_moe/training/lightning_cli.py`; this
+module only maps what can go wrong to one stderr line and an exit code (cli/errors.py for the shared format).
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ import os
 import signal
 import sys
 
+from nmt_moe.cli.errors import error_line
 
-def train_main(argv: list[str]) -> int:
+PROG = "nmt-moe train"
+
+
+def main(argv: list[str]) -> int:
     """Runs LightningCLI on `argv` (e.g. ["fit", "--config", "recipes/x/config.yaml"]) and turns what can go
     wrong into one line on stderr and an exit code."""
     from pytorch_lightning.loggers import WandbLogger
@@ -43,16 +50,16 @@ def train_main(argv: list[str]) -> int:
     try:
         cli = build_cli(argv)
     except ConfigError as error:
-        print(f"nmt-moe train: error: bad config: {error}", file=sys.stderr)
+        print(error_line(PROG, f"bad config: {error}"), file=sys.stderr)
         return 2
     except ModelLoadError as error:  # corrupt, unsafe or mismatched checkpoint given as --ckpt_path
-        print(f"nmt-moe train: error: {error}", file=sys.stderr)
+        print(error_line(PROG, error), file=sys.stderr)
         return 2
     except SIGTERMException:  # before training started (GracefulInterrupt handles it from then on)
-        print("nmt-moe train: SIGTERM before training started; nothing saved", file=sys.stderr)
+        print(f"{PROG}: SIGTERM before training started; nothing saved", file=sys.stderr)
         return 128 + signal.SIGTERM
     except CheckpointWriteError as error:  # e.g. a full disk: the run stops, its last checkpoint intact
-        print(f"nmt-moe train: error: {error}", file=sys.stderr)
+        print(error_line(PROG, error), file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:  # the checkpoint is saved and the message printed
         import wandb
@@ -63,5 +70,5 @@ def train_main(argv: list[str]) -> int:
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger):
             announce_runs(logger.experiment)
-            logger.experiment.finish()  # flush the run now, so train_main can run again in one process
+            logger.experiment.finish()  # flush the run now, so main can run again in one process
     return exit_code(cli.trainer)
