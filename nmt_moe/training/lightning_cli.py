@@ -69,7 +69,7 @@ class TrainCLI(LightningCLI):
             help="W&B logging: auto (online only when an API key is configured), online, offline, "
             "or off (CSV logger instead). Ignored when --trainer.logger names another logger.",
         )
-        parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size")
+        parser.link_arguments("data.pipeline.vocab_size", "model.model.vocab_size")
         # Best by BLEU, and a separate "last" (overwritten at every save): ModelCheckpoint(save_last=True)
         # in Lightning 2.6 refreshes last.ckpt only when the best one changes, which breaks resuming.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
