@@ -4,7 +4,8 @@ Reads the same settings as training's `data:` section, from a config file (a ful
 config or a file of data settings alone) and/or flags named after `TranslationDataModule`'s arguments:
 
     nmt-moe prepare --config recipes/multi30k/config.yaml
-    nmt-moe prepare --src_lang en --tgt_lang de --train data/train --valid data/val --vocab_size 8000
+    nmt-moe prepare --pipeline.src_lang en --pipeline.tgt_lang de --pipeline.train data/train \
+        --pipeline.valid data/val --pipeline.vocab_size 8000
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ def _progress_on_stdout() -> Iterator[None]:
         root.setLevel(level)
 
 
+NOT_DATA_MODULE = ("config", "summary_json", "__path__")
+
+
 def prepare_main(argv: list[str]) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -119,11 +123,11 @@ def prepare_main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except (*BAD_INPUT, ArgumentError) as error:
         return _error(error)
-    init = {k: v for k, v in vars(args).items() if k not in ("config", "summary_json", "__path__")}
     start = time.perf_counter()
     try:
         with _progress_on_stdout():
-            dm = TranslationDataModule(**init)
+            init = vars(parser.instantiate_classes(args))  # the pipeline section becomes a PipelineConfig
+            dm = TranslationDataModule(**{k: v for k, v in init.items() if k not in NOT_DATA_MODULE})
             dm.prepare_data()
             dm.setup("fit")
     except BAD_INPUT as error:

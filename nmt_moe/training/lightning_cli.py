@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,11 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from nmt_moe.checkpoint import load_weights_only
+from nmt_moe.data.cleaning import CleaningConfig
 from nmt_moe.data.datamodule import TranslationDataModule
-from nmt_moe.model_files import check_training_checkpoint
+from nmt_moe.data.pipeline import PipelineConfig
+from nmt_moe.model_files import ModelLoadError, check_training_checkpoint
+from nmt_moe.models import Seq2SeqConfig
 from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
 from nmt_moe.training.faults import GracefulInterrupt, NonFiniteGuard, SafeCheckpointIO, StepSeed
 from nmt_moe.training.module import TranslationModule
@@ -47,6 +51,52 @@ def monitor_loss_without_bleu(config: Any) -> None:
             config[key].monitor, config[key].mode = "val/loss", "min"
     if "val/bleu" in (config.checkpoint.filename or ""):
         config.checkpoint.filename = "best-step{step}-loss{val/loss:.3f}"
+
+
+MOVED_TO_PIPELINE = [f.name for f in dataclasses.fields(PipelineConfig) if f.name != "cleaning"]
+MOVED_TO_CLEANING = [f.name for f in dataclasses.fields(CleaningConfig)]
+OLD_MODEL_LAYOUT = (
+    "model.model.class_path/init_args and moe_options are the old layout: the Seq2Seq's settings now sit "
+    "directly under model.model (e.g. model.model.hidden_size) and every MoE setting under model.model.moe "
+    "(num_experts, k, gate, d_hidden and the former moe_options keys, e.g. "
+    "model.model.moe.num_shared_experts)"
+)
+
+
+def old_layout_keys(config: dict[str, Any]) -> str | None:
+    """What in a config's `model:` / `data:` sections is in the layout before the typed configs, and where
+    it lives now (one line); None when nothing is."""
+    module, data = config.get("model"), config.get("data")
+    model = module.get("model") if isinstance(module, dict) else None
+    if isinstance(model, dict) and ({"class_path", "init_args", "moe_options"} & model.keys()):
+        return OLD_MODEL_LAYOUT
+    moved = [key for key in (data or {}) if key in MOVED_TO_PIPELINE + MOVED_TO_CLEANING]
+    if isinstance(data, dict) and moved:
+        new = [f"data.pipeline.{'cleaning.' if key in MOVED_TO_CLEANING else ''}{key}" for key in moved]
+        return (
+            f"data.{', data.'.join(moved)}: the settings that make the prepared data moved to "
+            f"{', '.join(new)} (data.pipeline.*; cleaning filters under data.pipeline.cleaning.*)"
+        )
+    return None
+
+
+def check_layout(argv: list[str]) -> None:
+    """Raise ConfigError, naming the new keys, for `--config` files or flags in the old layout."""
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag == "--config":
+            path = Path(value or (argv[i + 1] if i + 1 < len(argv) else ""))
+            loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+            why = old_layout_keys(loaded) if isinstance(loaded, dict) else None
+            if why:
+                raise ConfigError(f"{path}: {why}")
+        elif flag.startswith("--model.model.init_args") or flag.startswith("--model.model.class_path"):
+            raise ConfigError(f"{flag}: {OLD_MODEL_LAYOUT}")
+        elif flag.startswith("--data."):
+            key = flag.removeprefix("--data.").split(".")[0]
+            why = old_layout_keys({"data": {key: None}})
+            if why:
+                raise ConfigError(f"{flag}: {why}")
 
 
 class SaveConfigToLoggers(SaveConfigCallback):
@@ -114,19 +164,38 @@ class TrainCLI(LightningCLI):
         for key in ("checkpoint", "last_checkpoint", "interrupt", "nonfinite"):
             parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=checkpoint_dir)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Configs and flags in the layout before the typed model and data configs are refused in one line
+        naming the new keys (jsonargparse would list every key it expected instead)."""
+        if isinstance(args, list):
+            check_layout(args)
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI merges `--ckpt_path`'s hyper-parameters into the config and builds what they
-        name: check them first (our model class only, and a model of the checkpoint's own weights).
-        It reads the file with a bare torch.load (weights_only): on failure, load it again through
-        our loader, which says in one line what is wrong."""
-        path = self.config[self.config.subcommand].get("ckpt_path")
-        if path and Path(path).is_file():
-            check_training_checkpoint(load_weights_only(path), path)
-        try:
-            super()._parse_ckpt_path()
-        except Exception:
-            load_weights_only(self.config[self.config.subcommand].ckpt_path)  # raises ModelLoadError
-            raise
+        describe. Done here through our loader (one-line errors, weights_only), after checking them (our
+        model only, and a model of the checkpoint's own weights); a model config saved in the older
+        {class_path, init_args} form with flat MoE keys is read as the new nested one."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (path and Path(path).is_file()):
+            return
+        checkpoint = load_weights_only(path)
+        check_training_checkpoint(checkpoint, path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if isinstance(hparams.get("model"), dict) and "init_args" in hparams["model"]:
+            try:
+                hparams["model"] = dataclasses.asdict(Seq2SeqConfig.from_dict(hparams["model"]["init_args"]))
+            except (TypeError, ValueError) as error:
+                raise ModelLoadError(
+                    f"{path}: its model config does not fit this nmt-moe ({error})"
+                ) from error
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_classes(self) -> None:
         try:
