@@ -62,8 +62,8 @@ def nmt_moe(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 def train_2_ranks(data: Path, root: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:
     return nmt_moe(
         "train", "fit", "--config", str(RECIPE),
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--wandb", "off",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
@@ -164,8 +164,8 @@ def test_validation_with_sharded_experts_matches_one_process(run: tuple[Path, Pa
     (decoding in lockstep, nothing gathered) and in one process (the checkpoint consolidated)."""
     data, root = run
     checkpoint = root / "checkpoints" / "last.ckpt"
-    common = ["--config", str(RECIPE), "--data.train", str(data / "train"),
-              "--data.valid", str(data / "valid"), "--data.test", str(data / "test"),
+    common = ["--config", str(RECIPE), "--data.pipeline.train", str(data / "train"),
+              "--data.pipeline.valid", str(data / "valid"), "--data.pipeline.test", str(data / "test"),
               "--data.cache_dir", str(data / "cache"), "--wandb", "off",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--trainer.accelerator", "cpu", "--ckpt_path", str(checkpoint)]  # fmt: skip

@@ -17,8 +17,8 @@ M = "--model.model.init_args."
 def fit(tmp_path: Path, *overrides: str, config: Path = RECIPE) -> int:
     data = tmp_path / "data"  # never created: a bad config must fail before reading data
     argv = [
-        "train", "fit", "--config", str(config), "--data.train", str(data / "train"),
-        "--data.valid", str(data / "valid"), "--data.test", str(data / "test"),
+        "train", "fit", "--config", str(config), "--data.pipeline.train", str(data / "train"),
+        "--data.pipeline.valid", str(data / "valid"), "--data.pipeline.test", str(data / "test"),
         "--data.cache_dir", str(data / "cache"), "--trainer.default_root_dir", str(tmp_path / "run"),
         "--wandb", "off", *overrides,
     ]  # fmt: skip

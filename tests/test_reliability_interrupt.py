@@ -44,8 +44,8 @@ def copy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def start(data: Path, root: Path, *extra: str) -> subprocess.Popen:
     argv = [
         sys.executable, "-m", "nmt_moe.cli", "train", "fit", "--config", str(RECIPE),
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
         "--trainer.default_root_dir", str(root), "--wandb", "off", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.max_steps", str(MAX_STEPS),
         "--trainer.deterministic", "true", "--trainer.log_every_n_steps", "1",

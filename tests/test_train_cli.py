@@ -32,8 +32,8 @@ def train(subcommand: str, data: Path, root: Path, *extra: str) -> int:
     """`nmt-moe train <subcommand>` in-process on the tiny_copy recipe, data and outputs redirected."""
     argv = [
         "train", subcommand, "--config", str(RECIPE),
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", *extra,
     ]  # fmt: skip
