@@ -132,6 +132,69 @@ def test_checkpoint_reloads_to_the_same_validation_loss(copy_run: tuple[Path, Pa
     assert reloaded == pytest.approx(trained, rel=1e-5, abs=1e-7)
 
 
+def test_checkpoint_written_with_moe_options_still_validates(
+    copy_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A training checkpoint from before the typed model config: hyper-parameters holding the model as
+    {class_path, init_args} with flat MoE keys and moe_options, and the same flat model_config."""
+    data, root = copy_run
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    config = dict(checkpoint["nmt_moe"]["model_config"])
+    moe = config.pop("moe")
+    old = {
+        **config,
+        **{key: moe.pop(key) for key in ("num_experts", "k", "gate", "d_hidden")},
+        "moe_options": moe,
+    }
+    checkpoint["hyper_parameters"]["model"] = {"class_path": "nmt_moe.models.Seq2Seq", "init_args": old}
+    checkpoint["nmt_moe"]["model_config"] = old
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    losses = {}
+    for name, path in {"new": root / "checkpoints" / "last.ckpt", "old": tmp_path / "old.ckpt"}.items():
+        assert train("validate", data, tmp_path / name, "--wandb", "off", "--ckpt_path", str(path)) == 0
+        losses[name] = last_value(csv_metrics(tmp_path / name, 0), "val/loss")
+    assert losses["old"] == losses["new"]
+
+
+def test_print_config_shows_every_knob_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a recipe and with one: every model, MoE, optimisation and data setting is listed (none hidden
+    in an untyped mapping or behind `model: null`); only vocab_size is left to data.pipeline by the link."""
+    import dataclasses
+    import inspect
+
+    import yaml
+
+    from nmt_moe.data.cleaning import CleaningConfig
+    from nmt_moe.data.datamodule import TranslationDataModule
+    from nmt_moe.data.pipeline import PipelineConfig
+    from nmt_moe.models import Seq2SeqConfig
+    from nmt_moe.moe import MoEConfig
+    from nmt_moe.training.module import TranslationModule
+
+    def names(kind: type) -> set[str]:
+        return {field.name for field in dataclasses.fields(kind)}
+
+    def arguments(kind: type) -> set[str]:
+        return set(inspect.signature(kind.__init__).parameters) - {"self"}
+
+    for recipe in ([], ["--config", str(RECIPE)]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "fit", *recipe, "--print_config"])
+        assert exit_.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        module, data = printed["model"], printed["data"]
+        assert set(module) == arguments(TranslationModule)
+        assert set(module["model"]) == names(Seq2SeqConfig) - {"vocab_size"}  # linked from the data
+        assert set(module["model"]["moe"]) == names(MoEConfig)
+        assert set(data) == arguments(TranslationDataModule)
+        assert set(data["pipeline"]) == names(PipelineConfig)
+        assert set(data["pipeline"]["cleaning"]) == names(CleaningConfig)
+        if not recipe:  # the defaults themselves
+            assert module["model"]["moe"] == dataclasses.asdict(MoEConfig())
+            assert data["pipeline"]["cleaning"] == dataclasses.asdict(CleaningConfig())
+            assert module["lr"] == inspect.signature(TranslationModule.__init__).parameters["lr"].default
+
+
 def test_fit_resumes_from_last(copy_run: tuple[Path, Path]) -> None:
     data, root = copy_run
     before = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
