@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,12 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from nmt_moe.checkpoint import load_weights_only
-from nmt_moe.data.cleaning import CleaningConfig
 from nmt_moe.data.datamodule import TranslationDataModule
-from nmt_moe.data.pipeline import PipelineConfig
 from nmt_moe.model_files import ModelLoadError, check_training_checkpoint
-from nmt_moe.models import Seq2SeqConfig
 from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
 from nmt_moe.training.faults import GracefulInterrupt, NonFiniteGuard, SafeCheckpointIO, StepSeed
 from nmt_moe.training.module import TranslationModule
+from nmt_moe.training.old_layout import model_hparams_in_new_layout, old_layout_in_argv
 from nmt_moe.training.progress import TrainingProgress
 from nmt_moe.training.tracking import WANDB_MODES, wandb_api_key_configured
 
@@ -51,52 +48,6 @@ def monitor_loss_without_bleu(config: Any) -> None:
             config[key].monitor, config[key].mode = "val/loss", "min"
     if "val/bleu" in (config.checkpoint.filename or ""):
         config.checkpoint.filename = "best-step{step}-loss{val/loss:.3f}"
-
-
-MOVED_TO_PIPELINE = [f.name for f in dataclasses.fields(PipelineConfig) if f.name != "cleaning"]
-MOVED_TO_CLEANING = [f.name for f in dataclasses.fields(CleaningConfig)]
-OLD_MODEL_LAYOUT = (
-    "model.model.class_path/init_args and moe_options are the old layout: the Seq2Seq's settings now sit "
-    "directly under model.model (e.g. model.model.hidden_size) and every MoE setting under model.model.moe "
-    "(num_experts, k, gate, d_hidden and the former moe_options keys, e.g. "
-    "model.model.moe.num_shared_experts)"
-)
-
-
-def old_layout_keys(config: dict[str, Any]) -> str | None:
-    """What in a config's `model:` / `data:` sections is in the layout before the typed configs, and where
-    it lives now (one line); None when nothing is."""
-    module, data = config.get("model"), config.get("data")
-    model = module.get("model") if isinstance(module, dict) else None
-    if isinstance(model, dict) and ({"class_path", "init_args", "moe_options"} & model.keys()):
-        return OLD_MODEL_LAYOUT
-    moved = [key for key in (data or {}) if key in MOVED_TO_PIPELINE + MOVED_TO_CLEANING]
-    if isinstance(data, dict) and moved:
-        new = [f"data.pipeline.{'cleaning.' if key in MOVED_TO_CLEANING else ''}{key}" for key in moved]
-        return (
-            f"data.{', data.'.join(moved)}: the settings that make the prepared data moved to "
-            f"{', '.join(new)} (data.pipeline.*; cleaning filters under data.pipeline.cleaning.*)"
-        )
-    return None
-
-
-def check_layout(argv: list[str]) -> None:
-    """Raise ConfigError, naming the new keys, for `--config` files or flags in the old layout."""
-    for i, arg in enumerate(argv):
-        flag, _, value = arg.partition("=")
-        if flag == "--config":
-            path = Path(value or (argv[i + 1] if i + 1 < len(argv) else ""))
-            loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
-            why = old_layout_keys(loaded) if isinstance(loaded, dict) else None
-            if why:
-                raise ConfigError(f"{path}: {why}")
-        elif flag.startswith("--model.model.init_args") or flag.startswith("--model.model.class_path"):
-            raise ConfigError(f"{flag}: {OLD_MODEL_LAYOUT}")
-        elif flag.startswith("--data."):
-            key = flag.removeprefix("--data.").split(".")[0]
-            why = old_layout_keys({"data": {key: None}})
-            if why:
-                raise ConfigError(f"{flag}: {why}")
 
 
 class SaveConfigToLoggers(SaveConfigCallback):
@@ -167,8 +118,9 @@ class TrainCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Configs and flags in the layout before the typed model and data configs are refused in one line
         naming the new keys (jsonargparse would list every key it expected instead)."""
-        if isinstance(args, list):
-            check_layout(args)
+        why = old_layout_in_argv(args) if isinstance(args, list) else None
+        if why:
+            raise ConfigError(why)
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -184,9 +136,9 @@ class TrainCLI(LightningCLI):
         check_training_checkpoint(checkpoint, path)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
-        if isinstance(hparams.get("model"), dict) and "init_args" in hparams["model"]:
+        if isinstance(hparams.get("model"), dict):
             try:
-                hparams["model"] = dataclasses.asdict(Seq2SeqConfig.from_dict(hparams["model"]["init_args"]))
+                hparams["model"] = model_hparams_in_new_layout(hparams["model"])
             except (TypeError, ValueError) as error:
                 raise ModelLoadError(
                     f"{path}: its model config does not fit this nmt-moe ({error})"
