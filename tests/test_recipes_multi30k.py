@@ -70,6 +70,18 @@ def test_config_parses_with_and_without_smoke_overrides(config: Path) -> None:
     assert smoke["model"]["model"]["moe"]["gate"] == parsed["model"]["model"]["moe"]["gate"]  # ... only
 
 
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_states_each_value_once_in_the_typed_layout(path: Path) -> None:
+    """No model in class_path/init_args form, no untyped moe_options, no data setting outside its section,
+    and the end of training given once (model.max_steps, left unset, follows trainer.max_steps)."""
+    recipe = yaml.safe_load(path.read_text())
+    model, data = recipe.get("model", {}).get("model", {}), recipe.get("data", {})
+    assert not {"class_path", "init_args", "moe_options"} & model.keys()
+    assert set(data) <= {"pipeline", "cache_dir", "max_tokens", "eval_max_tokens", "max_valid_sentences",
+                         "seed", "num_workers", "num_proc"}  # fmt: skip
+    assert not ("max_steps" in recipe.get("trainer", {}) and "max_steps" in recipe.get("model", {}))
+
+
 @pytest.mark.parametrize(
     ("moe", "dense"),
     [(EN_DE / "config.yaml", DENSE / "config.yaml"), (MULTI / "config.yaml", MULTI / "config_dense.yaml")],
