@@ -18,6 +18,7 @@ This module imports neither Lightning nor `datasets`: `nmt-moe translate` starts
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -36,7 +37,7 @@ from torch import Tensor
 from nmt_moe.atomic_files import replace_path, umask_mode
 from nmt_moe.data.tokenizer import Tokenizer
 from nmt_moe.model_files import ModelLoadError, check_weights_fit
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 from nmt_moe.sharded_checkpoint import (
     STATE_PREFIX,
     ShardedCheckpointError,
@@ -190,7 +191,7 @@ def load_sharded_model(path: Path) -> tuple[Seq2Seq, bytes]:
 
 def _seq2seq(config: dict[str, Any], where: Path) -> Seq2Seq:
     try:
-        return Seq2Seq(**config)
+        return Seq2Seq(Seq2SeqConfig.from_dict(config))
     except (TypeError, ValueError) as error:
         raise ModelLoadError(
             f"{where}: model config does not fit this nmt-moe's Seq2Seq ({error})"
@@ -234,14 +235,14 @@ def check_resumable(
     """
     where = Path(where)
     section = nmt_moe_section(checkpoint.get("nmt_moe"), where)
-    saved, now = section["model_config"], model.config
+    saved, now = _flat_config(section["model_config"]), _flat_config(model.config)
     state = {
         key[len(MODEL_PREFIX) :]: value
         for key, value in checkpoint.get("state_dict", {}).items()
         if key.startswith(MODEL_PREFIX)
     }
     with torch.device("meta"):  # full (unsharded) shapes, whatever expert parallelism did to `model`
-        own = Seq2Seq(**now).state_dict()
+        own = Seq2Seq(Seq2SeqConfig.from_dict(model.config)).state_dict()
     if state.keys() != own.keys() or any(state[key].shape != own[key].shape for key in own):
         changed = [f"{key}={saved.get(key)!r} there, {now.get(key)!r} here" for key in sorted(saved.keys() |
                    now.keys()) if saved.get(key) != now.get(key)]  # fmt: skip
@@ -260,6 +261,18 @@ def check_resumable(
                 f"{where}: was trained with another SentencePiece vocabulary than the data module's; point "
                 "data.cache_dir at the prepared data of the run that wrote the checkpoint"
             )
+
+
+def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config as {"hidden_size": ..., "moe.k": ...}, old flat layouts read as the new one, so two
+    configs' differences can be named key by key."""
+    try:
+        config = dataclasses.asdict(Seq2SeqConfig.from_dict(config))
+    except (TypeError, ValueError):
+        pass  # named as it is
+    moe = config.get("moe")
+    nested = {f"moe.{key}": value for key, value in moe.items()} if isinstance(moe, dict) else {}
+    return {**{key: value for key, value in config.items() if key != "moe"}, **nested}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Seq2Seq, Tokenizer]:

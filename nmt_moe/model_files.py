@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 
 MODEL_PREFIX = "model."  # the Seq2Seq's keys inside a Lightning checkpoint's state_dict
 # What a training checkpoint's hyper-parameters may name: our own model, by either import path.
@@ -42,7 +42,7 @@ class ModelLoadError(Exception):
 
 
 def expected_shapes(config: Mapping[str, Any], layer_bound: int, where: Path) -> dict[str, torch.Size]:
-    """Parameter and buffer shapes of `Seq2Seq(**config)`, built on the meta device (no memory used).
+    """Parameter and buffer shapes of the Seq2Seq `config` describes, built on the meta device (no memory).
 
     `layer_bound` caps the LSTM layer counts first: each layer is a Python module even on the meta
     device, so a config asking for 10**9 layers would exhaust memory before any shape is compared.
@@ -56,7 +56,7 @@ def expected_shapes(config: Mapping[str, Any], layer_bound: int, where: Path) ->
             )
     try:
         with torch.device("meta"):
-            model = Seq2Seq(**config)
+            model = Seq2Seq(Seq2SeqConfig.from_dict(config))
     except (TypeError, ValueError, OverflowError, RuntimeError) as error:
         raise ModelLoadError(
             f"{where}: model config does not fit this nmt-moe's Seq2Seq ({error})"
@@ -132,8 +132,9 @@ def check_training_checkpoint(checkpoint: Any, where: str | Path) -> None:
         raise ModelLoadError(f"{where}: its hyper-parameters name the function {instantiator!r} to build the "
                              "model; only LightningCLI's instantiate_module is accepted")  # fmt: skip
     model = hparams.get("model") if isinstance(hparams, Mapping) else None
-    if isinstance(model, Mapping) and "init_args" in model:
-        check_weights_fit(model["init_args"], model_state(checkpoint.get("state_dict") or {}), where)
+    if isinstance(model, Mapping):  # the model config; {class_path, init_args} in older checkpoints
+        config = model.get("init_args", model)
+        check_weights_fit(config, model_state(checkpoint.get("state_dict") or {}), where)
 
 
 # --- output paths ------------------------------------------------------------------------------------------

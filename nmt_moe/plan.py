@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import nn
 
-from nmt_moe.models import Seq2Seq, parameter_counts
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
 from nmt_moe.models.attention import Attention
 from nmt_moe.moe import FeedForward, MoELayer, moe_layers
 
@@ -50,7 +50,7 @@ class PlanError(ValueError):
 class Recipe:
     """What `plan` reads from a training config."""
 
-    model_args: dict[str, Any]  # Seq2Seq init arguments, vocab_size included
+    model_args: dict[str, Any]  # the Seq2SeqConfig as a dict (nested moe section), vocab_size included
     optimizer: str = "adam"
     precision: str = "bf16-mixed"  # what `nmt-moe train` picks on a bf16-capable GPU
     tokens_per_batch: int = 4096  # the data module's max_tokens: per device and step
@@ -75,14 +75,19 @@ def read_recipe(path: str | Path) -> Recipe:
         raise PlanError(f"{path}: expected a mapping at the top level")
     module, data, trainer = _section(config, "model"), _section(config, "data"), _section(config, "trainer")
     if "model" not in module:
-        raise PlanError(f"{path}: no `model: model:` section (the Seq2Seq's class_path/init_args)")
+        raise PlanError(f"{path}: no `model: model:` section (the Seq2Seq's settings)")
     model = module["model"]
-    model_args = dict(model.get("init_args", model) if isinstance(model, dict) else {})
-    notes = []
+    model_args = dict(model.get("init_args", model) if isinstance(model, dict) else {})  # init_args: old
+    pipeline = data.get("pipeline") if isinstance(data.get("pipeline"), dict) else data
+    notes: list[str] = []
     if "vocab_size" not in model_args:
-        if "vocab_size" not in data:
-            raise PlanError(f"{path}: no vocab_size in `model: model: init_args:` nor in `data:`")
-        model_args["vocab_size"] = data["vocab_size"]  # `nmt-moe train` links data.vocab_size to the model
+        if "vocab_size" not in pipeline:
+            raise PlanError(f"{path}: no vocab_size in `model: model:` nor in `data: pipeline:`")
+        model_args["vocab_size"] = pipeline["vocab_size"]  # `nmt-moe train` links it to the model
+    try:
+        model_args = asdict(Seq2SeqConfig.from_dict(model_args))  # every knob, defaults filled
+    except (TypeError, ValueError) as error:
+        raise PlanError(f"{path}: the model section does not build: {error}") from error
     recipe = Recipe(model_args=model_args, notes=notes)
     recipe.optimizer = module.get("optimizer", recipe.optimizer)
     if recipe.optimizer not in OPTIMIZERS:
@@ -104,7 +109,7 @@ def build_on_meta(model_args: dict[str, Any]) -> Seq2Seq:
     """The Seq2Seq with every parameter on the meta device: shapes, no storage."""
     try:
         with torch.device("meta"):
-            return Seq2Seq(**model_args)
+            return Seq2Seq(Seq2SeqConfig.from_dict(model_args))
     except (TypeError, ValueError) as error:
         raise PlanError(f"the model section does not build: {error}") from error
 

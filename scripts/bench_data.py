@@ -207,28 +207,40 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _settings(args: argparse.Namespace, prefix: Path, cache: Path) -> dict[str, Any]:
-    return {
+    """The data module's arguments, the pipeline's as a nested section (as in a recipe's `data:`)."""
+    pipeline = {
         "src_lang": args.src_lang,
         "tgt_lang": args.tgt_lang,
         "train": str(prefix),
         "valid": str(Path(args.data) / "val"),
         "vocab_size": args.vocab_size,
         "spm_model_type": args.spm_model_type,
+    }
+    return {
+        "pipeline": pipeline,
         "num_proc": args.num_proc,
         "cache_dir": str(cache),
         "max_tokens": args.max_tokens[0],
     }
 
 
-def _flags(settings: dict[str, Any]) -> list[str]:
-    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+def _flags(settings: dict[str, Any], prefix: str = "") -> list[str]:
+    """`nmt-moe prepare` flags of the settings: --cache_dir ..., --pipeline.src_lang ..."""
+    flags = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flags += _flags(value, f"{prefix}{key}.")
+        else:
+            flags += [f"--{prefix}{key}", str(value)]
+    return flags
 
 
 def _datamodule_timings(settings: dict[str, Any]) -> dict[str, float]:
     """Training's view of the cache: setup (a cache hit) and the batch plan of two fresh epochs."""
     from nmt_moe.data.datamodule import TranslationDataModule
+    from nmt_moe.data.pipeline import PipelineConfig
 
-    dm = TranslationDataModule(**settings)
+    dm = TranslationDataModule(**{**settings, "pipeline": PipelineConfig(**settings["pipeline"])})
     _, setup = _timed(lambda: (dm.prepare_data(), dm.setup("fit")))
     _, lengths = _timed(dm.lengths, "train")
     sampler = dm.batch_sampler("train", shuffle=True)

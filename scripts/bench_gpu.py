@@ -23,6 +23,7 @@ its dense twin.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 from nmt_moe.moe import FeedForward, MoELayer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "wmt14_en_de"
@@ -133,15 +134,18 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         "hierarchical": _recipe_model("config.yaml", args, num_experts=args.hier_experts),
     }
     out = {}
-    for name, kwargs in models.items():
+    for name, config in models.items():
         steps = {
-            "moe": _train_step(kwargs, args, device),
-            "dense": _train_step({**kwargs, "ffn": "dense"}, args, device),
+            "moe": _train_step(config, args, device),
+            "dense": _train_step(dataclasses.replace(config, ffn="dense"), args, device),
         }
         times = interleaved(steps, args.repeats, device)
         tokens = 2 * args.train_tokens  # source + target
         out[name] = {
-            "model": {key: kwargs[key] for key in ("num_experts", "k", "gate", "d_hidden", "hidden_size")},
+            "model": {
+                **{key: getattr(config.moe, key) for key in ("num_experts", "k", "gate", "d_hidden")},
+                "hidden_size": config.hidden_size,
+            },
             "moe_s": times["moe"],
             "dense_s": times["dense"],
             "moe_over_dense": times["dense"] / times["moe"],
@@ -151,26 +155,24 @@ def train_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     return out
 
 
-def _recipe_model(config: str, args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
-    kwargs = yaml.safe_load((RECIPES / config).read_text())["model"]["model"]["init_args"]
-    kwargs = {**kwargs, "vocab_size": 32_000, "dropout": 0.0, **overrides}
+def _recipe_model(config: str, args: argparse.Namespace, **moe_overrides: Any) -> Seq2SeqConfig:
+    """The recipe's model (vocabulary 32k, no dropout), MoE settings overridden; --tiny shrinks it."""
+    kwargs = yaml.safe_load((RECIPES / config).read_text())["model"]["model"]
+    kwargs = {**kwargs, "vocab_size": 32_000, "dropout": 0.0}
+    moe = {**kwargs["moe"], **moe_overrides}
     if args.tiny:
-        options = dict(kwargs.get("moe_options", {}))
-        if "num_groups" in options:
-            options["num_groups"] = 2
-        kwargs.update(
-            vocab_size=200, embed_dim=16, hidden_size=32, d_hidden=32, num_experts=8, moe_options=options
-        )
-    return kwargs
+        kwargs.update(vocab_size=200, embed_dim=16, hidden_size=32)
+        moe.update(d_hidden=32, num_experts=8, num_groups=2 if "num_groups" in moe else 1)
+    return Seq2SeqConfig.from_dict({**kwargs, "moe": moe})
 
 
-def _train_step(kwargs: dict[str, Any], args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+def _train_step(config: Seq2SeqConfig, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
     torch.manual_seed(0)
-    model = Seq2Seq(**kwargs).to(device)
+    model = Seq2Seq(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     length = 32 if args.tiny else 64
     batch = max(1, (64 if args.tiny else args.train_tokens) // length)
-    vocab = kwargs["vocab_size"]
+    vocab = config.vocab_size
     src = torch.randint(4, vocab, (batch, length), device=device)
     tgt = torch.randint(4, vocab, (batch, length + 1), device=device)
     lengths = torch.full((batch,), length, device="cpu")

@@ -318,19 +318,19 @@ def ours_config(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         },
         "model": {
             "model": {
-                "class_path": "nmt_moe.models.Seq2Seq",
-                "init_args": {
-                    "embed_dim": 256, "hidden_size": 256, "encoder_layers": 2, "decoder_layers": 1,
-                    "encoder_bidirectional": "all", "attention": "general", "input_feeding": True,
-                    "dropout": 0.3, "tie_embeddings": True, "share_embeddings": True, "ffn": "none",
-                },
+                "embed_dim": 256, "hidden_size": 256, "encoder_layers": 2, "decoder_layers": 1,
+                "encoder_bidirectional": "all", "attention": "general", "input_feeding": True,
+                "dropout": 0.3, "tie_embeddings": True, "share_embeddings": True, "ffn": "none",
             },
             "optimizer": "adam", "lr": 0.002, "warmup_steps": 0, "schedule": "constant",
             "max_steps": args.steps, "label_smoothing": 0.1,
         },
         "data": {
-            "src_lang": "en", "tgt_lang": "de", "train": str(args.data / "train"),
-            "valid": str(args.data / "val"), "vocab_size": 8000, "spm_model_type": "bpe", "joint_vocab": True,
+            "pipeline": {
+                "src_lang": "en", "tgt_lang": "de", "train": str(args.data / "train"),
+                "valid": str(args.data / "val"), "vocab_size": 8000, "spm_model_type": "bpe",
+                "joint_vocab": True,
+            },
             "max_tokens": args.batch_tokens, "cache_dir": str(work / "cache"), "num_workers": 0,
         },
         "throughput": {"window": REPORT_EVERY},  # the same 10-step windows as OpenNMT-py's reports

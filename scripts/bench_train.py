@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from nmt_moe.allocator import keep_freed_memory
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from nmt_moe.models import Seq2Seq, parameter_counts
-from nmt_moe.moe import MoELayer
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
+from nmt_moe.moe import MoEConfig, MoELayer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 Batch = dict[str, torch.Tensor]
@@ -78,7 +78,7 @@ def main() -> None:
     batches = make_batches(pairs, args.batch_tokens, count=args.batches, seed=args.seed)
 
     results: dict[str, dict[str, Any]] = {}
-    runners = {name: Runner(model_kwargs(name, args)) for name in args.models}
+    runners = {name: Runner(model_config(name, args)) for name in args.models}
     for name, runner in runners.items():
         results[name] = {**parameter_counts(runner.model), "step_s": [], "tokens_per_s": []}
     for round_index in range(args.rounds + 1):  # round 0 warms up allocators and oneDNN kernels
@@ -117,28 +117,28 @@ def main() -> None:
     )
 
 
-def model_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def model_config(name: str, args: argparse.Namespace) -> Seq2SeqConfig:
     """lstm: no FFN layers; dense: FFN of hidden k x d_hidden; moeE: E experts of hidden d_hidden, top-k."""
     shared = dict(
         vocab_size=args.vocab_size, embed_dim=args.embed_dim, hidden_size=args.hidden_size,
         encoder_layers=args.layers, decoder_layers=args.layers, attention=args.attention,
         input_feeding=args.input_feeding, dropout=0.1, encoder_moe_after=[1], decoder_moe_after=[1],
-        k=args.k, d_hidden=args.d_hidden,
     )  # fmt: skip
+    moe = dict(k=args.k, d_hidden=args.d_hidden)
     if name == "lstm":
-        return {**shared, "ffn": "none"}
+        return Seq2SeqConfig(**shared, ffn="none", moe=MoEConfig(**moe))
     if name == "dense":
-        return {**shared, "ffn": "dense", "num_experts": args.k}
+        return Seq2SeqConfig(**shared, ffn="dense", moe=MoEConfig(**moe, num_experts=args.k))
     if name.startswith("moe") and name[3:].isdigit():
-        return {**shared, "ffn": "moe", "num_experts": int(name[3:])}
+        return Seq2SeqConfig(**shared, ffn="moe", moe=MoEConfig(**moe, num_experts=int(name[3:])))
     raise ValueError(f"--models: unknown model {name!r} (lstm, dense, moe<experts>)")
 
 
 class Runner:
     """A model with its optimizer; `train(batches)` runs one optimizer step per batch."""
 
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        self.model = Seq2Seq(**kwargs).train()
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        self.model = Seq2Seq(config).train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
 

@@ -45,8 +45,9 @@ from nmt_moe.data.tokenizer import Tokenizer, train_tokenizer
 from nmt_moe.decoding.int8 import quantize_int8
 from nmt_moe.decoding.options import DecodeOptions
 from nmt_moe.decoding.translate import translate_sources
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 from nmt_moe.models.seq2seq import parameter_counts
+from nmt_moe.moe import MoEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
@@ -59,10 +60,11 @@ def random_model(data: Path, src: str, tgt: str, ffn: str) -> tuple[Seq2Seq, Tok
         lines += (data / f"train.{lang}").read_text(encoding="utf-8").splitlines()
     tokenizer = train_tokenizer(lines, 8000, model_type="bpe")
     torch.manual_seed(0)
-    model = Seq2Seq(
+    model = Seq2Seq(Seq2SeqConfig(
         vocab_size=tokenizer.vocab_size, embed_dim=256, hidden_size=256, encoder_layers=2, decoder_layers=2,
-        attention="general", input_feeding=True, dropout=0.0, ffn=ffn, num_experts=8, k=2, d_hidden=512,
-    )  # fmt: skip
+        attention="general", input_feeding=True, dropout=0.0, ffn=ffn,
+        moe=MoEConfig(num_experts=8, k=2, d_hidden=512),
+    ))  # fmt: skip
     return model.eval(), tokenizer
 
 

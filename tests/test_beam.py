@@ -310,13 +310,14 @@ def copy_task_batch(gen: torch.Generator, batch: int, vocab: int) -> tuple[Tenso
 
 
 def copy_model(seed: int = 0) -> torch.nn.Module:
-    from nmt_moe.models import Seq2Seq
+    from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+    from nmt_moe.moe import MoEConfig
 
     torch.manual_seed(seed)
-    return Seq2Seq(
+    return Seq2Seq(Seq2SeqConfig(
         vocab_size=16, embed_dim=24, hidden_size=32, encoder_layers=2, decoder_layers=2, dropout=0.0,
-        ffn="moe", num_experts=4, k=2, d_hidden=32,
-    ).eval()  # fmt: skip
+        ffn="moe", moe=MoEConfig(num_experts=4, k=2, d_hidden=32),
+    )).eval()  # fmt: skip
 
 
 def train_on_copying(model: torch.nn.Module, steps: int) -> torch.nn.Module:

@@ -29,7 +29,8 @@ from nmt_moe.cli.average import main as average_main
 from nmt_moe.cli.export import main as export_main
 from nmt_moe.data.tokenizer import Tokenizer, train_tokenizer
 from nmt_moe.decoding.beam import beam_search
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig
 
 WORDS = "a man woman dog cat runs sits on the red blue green big small house street ball plays with".split()
 
@@ -45,10 +46,10 @@ def tiny_tokenizer(vocab_size: int = 64) -> Tokenizer:
 
 def tiny_model(vocab_size: int, seed: int = 0, ffn: str = "moe") -> Seq2Seq:
     torch.manual_seed(seed)
-    model = Seq2Seq(
+    model = Seq2Seq(Seq2SeqConfig(
         vocab_size=vocab_size, embed_dim=16, hidden_size=16, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, ffn=ffn, num_experts=4, k=2, d_hidden=16,
-    )  # fmt: skip
+        dropout=0.0, ffn=ffn, moe=MoEConfig(num_experts=4, k=2, d_hidden=16),
+    ))  # fmt: skip
     return model.eval()
 
 

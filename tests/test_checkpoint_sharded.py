@@ -22,7 +22,8 @@ from nmt_moe.averaging import average_checkpoints
 from nmt_moe.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, ModelLoadError, export_bundle, load_model
 from nmt_moe.cli.average import main as average_main
 from nmt_moe.data.tokenizer import Tokenizer
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig
 
 
 def write_sharded(
@@ -159,10 +160,10 @@ def test_export_of_a_sharded_checkpoint_peaks_near_the_model_size(tmp_path: Path
     model, adds about three times the model (+195 MiB). Both measured in this run."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    model = Seq2Seq(
+    model = Seq2Seq(Seq2SeqConfig(
         vocab_size=tokenizer.vocab_size, embed_dim=16, hidden_size=32, encoder_layers=2, decoder_layers=2,
-        num_experts=64, k=2, d_hidden=2048,
-    )  # fmt: skip
+        moe=MoEConfig(num_experts=64, k=2, d_hidden=2048),
+    ))  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     write_sharded(tmp_path / "sharded.ckpt", model, tokenizer, moments=True)
     moments = {

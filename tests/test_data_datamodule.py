@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from nmt_moe.data import pipeline
+from nmt_moe.data.cleaning import CleaningConfig
 from nmt_moe.data.datamodule import TranslationDataModule
+from nmt_moe.data.pipeline import PipelineConfig
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, lang_token
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pu", "gra", "sho", "tek", "bel"]
@@ -41,6 +44,17 @@ def corpus(tmp_path: Path) -> dict[str, str]:
     }
 
 
+PIPELINE_KEYS = {f.name for f in dataclasses.fields(PipelineConfig)}
+CLEANING_KEYS = {f.name for f in dataclasses.fields(CleaningConfig)}
+
+
+def data_module(**settings: object) -> TranslationDataModule:
+    """The data module of flat settings (the tests vary one at a time): each goes to its section."""
+    pipeline = {key: settings.pop(key) for key in list(settings) if key in PIPELINE_KEYS}
+    cleaning = {key: settings.pop(key) for key in list(settings) if key in CLEANING_KEYS}
+    return TranslationDataModule(PipelineConfig(**pipeline, cleaning=CleaningConfig(**cleaning)), **settings)
+
+
 def make_dm(corpus: dict[str, str], cache: Path, **overrides: object) -> TranslationDataModule:
     settings: dict = dict(
         src_lang="en",
@@ -52,7 +66,7 @@ def make_dm(corpus: dict[str, str], cache: Path, **overrides: object) -> Transla
     )
     settings.update(corpus)
     settings.update(overrides)
-    dm = TranslationDataModule(**settings)
+    dm = data_module(**settings)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -119,11 +133,15 @@ def test_cache_key_follows_settings_and_files(corpus: dict[str, str], tmp_path: 
         {"max_length_ratio": 2.0},
         {"spm_model_type": "unigram"},
     ):
-        assert TranslationDataModule("en", "de", **corpus, **change).config.cache_key() != base, change
+        assert data_module(src_lang="en", tgt_lang="de", **corpus, **change).config.cache_key() != base, (
+            change
+        )
     source = Path(corpus["train"] + ".en")
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
     assert (
-        TranslationDataModule("en", "de", **corpus, vocab_size=200, spm_model_type="bpe").config.cache_key()
+        data_module(
+            src_lang="en", tgt_lang="de", **corpus, vocab_size=200, spm_model_type="bpe"
+        ).config.cache_key()
         != base
     )
 

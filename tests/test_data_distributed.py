@@ -11,6 +11,7 @@ import torch
 from test_data_datamodule import write_corpus
 
 from nmt_moe.data.datamodule import TranslationDataModule
+from nmt_moe.data.pipeline import PipelineConfig
 
 
 class RankRecorder(pl.LightningModule):
@@ -37,12 +38,8 @@ class RankRecorder(pl.LightningModule):
 def test_ddp_ranks_get_disjoint_covering_shares(tmp_path: Path) -> None:
     train = write_corpus(tmp_path / "corpus", "train", 500, seed=0)
     dm = TranslationDataModule(
-        "en",
-        "de",
-        train=train,
+        PipelineConfig("en", "de", train=train, vocab_size=200, spm_model_type="bpe"),
         cache_dir=str(tmp_path / "cache"),
-        vocab_size=200,
-        spm_model_type="bpe",
         max_tokens=300,
     )
     trainer = pl.Trainer(

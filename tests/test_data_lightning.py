@@ -9,6 +9,7 @@ import torch
 from test_data_datamodule import write_corpus
 
 from nmt_moe.data.datamodule import TranslationDataModule
+from nmt_moe.data.pipeline import PipelineConfig
 
 
 class RecordingModule(pl.LightningModule):
@@ -55,12 +56,8 @@ def test_resume_mid_epoch_continues_exactly(tmp_path: Path) -> None:
 
     def dm() -> TranslationDataModule:
         return TranslationDataModule(
-            "en",
-            "de",
-            train=train,
+            PipelineConfig("en", "de", train=train, vocab_size=200, spm_model_type="bpe"),
             cache_dir=str(tmp_path / "cache"),
-            vocab_size=200,
-            spm_model_type="bpe",
             max_tokens=300,
         )
 

@@ -24,17 +24,16 @@ def write_three_way(directory: Path, name: str, n: int) -> str:
 
 def test_each_target_language_is_read_and_tagged(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
-    dm = TranslationDataModule(
+    pipeline = PipelineConfig(
         src_lang="en",
-        tgt_lang=["de", "fr", "cs"],
+        tgt_lang=("de", "fr", "cs"),
         train=write_three_way(corpus, "train", 90),
         valid=write_three_way(corpus, "val", 12),
         test=write_three_way(corpus, "test", 10),
-        cache_dir=str(tmp_path / "cache"),
         vocab_size=48,
         spm_model_type="bpe",
-        max_tokens=300,
     )
+    dm = TranslationDataModule(pipeline, cache_dir=str(tmp_path / "cache"), max_tokens=300)
     dm.prepare_data()
     dm.setup("fit")
     tok = dm.tokenizer
@@ -57,17 +56,17 @@ def test_single_target_language_is_unchanged(tmp_path: Path) -> None:
     """A plain string keeps the bilingual behaviour: no tag unless target_lang_token asks for one."""
     corpus = tmp_path / "corpus"
     settings = dict(
-        src_lang="en",
-        train=write_three_way(corpus, "train", 60),
-        vocab_size=40,
-        spm_model_type="bpe",
-        max_tokens=300,
+        src_lang="en", train=write_three_way(corpus, "train", 60), vocab_size=40, spm_model_type="bpe"
     )
-    plain = TranslationDataModule(tgt_lang="de", cache_dir=str(tmp_path / "a"), **settings)
+    plain = TranslationDataModule(
+        PipelineConfig(tgt_lang="de", **settings), cache_dir=str(tmp_path / "a"), max_tokens=300
+    )
     plain.setup("fit")
     assert plain.splits["train"].column_names.count("tgt_lang") == 0
     tagged = TranslationDataModule(
-        tgt_lang="de", target_lang_token=True, cache_dir=str(tmp_path / "b"), **settings
+        PipelineConfig(tgt_lang="de", target_lang_token=True, **settings),
+        cache_dir=str(tmp_path / "b"),
+        max_tokens=300,
     )
     tagged.setup("fit")
     tag = tagged.tokenizer.token_id(lang_token("de"))

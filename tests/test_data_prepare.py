@@ -18,18 +18,25 @@ def test_flags_build_then_hit_cache(tmp_path: Path, capsys: pytest.CaptureFixtur
     train = write_corpus(tmp_path / "corpus", "train", 300, seed=0)
     valid = write_corpus(tmp_path / "corpus", "valid", 20, seed=1)
     flags = [
-        "--src_lang",
+        "--pipeline.src_lang",
         "en",
-        "--tgt_lang",
+        "--pipeline.tgt_lang",
         "de",
-        "--train",
+        "--pipeline.train",
         train,
-        "--valid",
+        "--pipeline.valid",
         valid,
-        "--vocab_size",
+        "--pipeline.vocab_size",
         "150",
     ]
-    flags += ["--spm_model_type", "bpe", "--cache_dir", str(tmp_path / "cache"), "--max_tokens", "400"]
+    flags += [
+        "--pipeline.spm_model_type",
+        "bpe",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--max_tokens",
+        "400",
+    ]
     assert prepare_main([*flags, "--summary_json", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
     assert "(built)" in out and "vocab size 150" in out and "300 kept" in out and "padding" in out
@@ -45,7 +52,15 @@ def test_reads_data_section_of_a_training_config(tmp_path: Path, capsys: pytest.
     train_config = {
         "model": {"vocab_size": 150, "hidden": 64},
         "trainer": {"max_epochs": 1},
-        "data": {"src_lang": "en", "tgt_lang": "de", "train": train, "vocab_size": 150, "dedup": True},
+        "data": {
+            "pipeline": {
+                "src_lang": "en",
+                "tgt_lang": "de",
+                "train": train,
+                "vocab_size": 150,
+                "cleaning": {"dedup": True},
+            }
+        },
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(train_config))
     flags = [
@@ -53,7 +68,7 @@ def test_reads_data_section_of_a_training_config(tmp_path: Path, capsys: pytest.
         str(tmp_path / "config.yaml"),
         "--cache_dir",
         str(tmp_path / "cache"),
-        "--vocab_size",
+        "--pipeline.vocab_size",
         "120",
     ]
     assert prepare_main(flags) == 0
@@ -66,11 +81,11 @@ def test_bad_input_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.Captur
     (tmp_path / "x.en").write_text("a\nb\n")
     (tmp_path / "x.de").write_text("a\n")
     flags = [
-        "--src_lang",
+        "--pipeline.src_lang",
         "en",
-        "--tgt_lang",
+        "--pipeline.tgt_lang",
         "de",
-        "--train",
+        "--pipeline.train",
         str(tmp_path / "x"),
         "--cache_dir",
         str(tmp_path),
@@ -83,9 +98,15 @@ def test_bad_input_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.Captur
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--src_lang", "en", "--tgt_lang", "de", "--vocab_size", "abc"], "vocab_size"),
+        (
+            ["--pipeline.src_lang", "en", "--pipeline.tgt_lang", "de", "--pipeline.vocab_size", "abc"],
+            "vocab_size",
+        ),
         (["--config", "/nonexistent/c.yaml"], "config file not found"),
-        (["--src_lang", "en", "--tgt_lang", "de", "--train", "/nonexistent/t"], "missing"),
+        (
+            ["--pipeline.src_lang", "en", "--pipeline.tgt_lang", "de", "--pipeline.train", "/nonexistent/t"],
+            "missing",
+        ),
         (["--bogus", "1"], "unrecognized"),
     ],
 )
@@ -101,7 +122,14 @@ def test_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    flags = ["--src_lang", "en", "--tgt_lang", "de", "--train", str(tmp_path / "nowhere")]
+    flags = [
+        "--pipeline.src_lang",
+        "en",
+        "--pipeline.tgt_lang",
+        "de",
+        "--pipeline.train",
+        str(tmp_path / "nowhere"),
+    ]
     run = subprocess.run(
         [sys.executable, "-m", "nmt_moe.cli", "prepare", *flags, "--cache_dir", str(tmp_path)],
         capture_output=True,
@@ -119,17 +147,30 @@ def _late_bad_utf8(tmp_path: Path) -> list[str]:
     lines = src.read_bytes().splitlines()
     lines[1500] = b"bad \xff byte"
     src.write_bytes(b"\n".join(lines) + b"\n")
-    return ["--train", prefix, "--vocab_size", "100"]
+    return ["--pipeline.train", prefix, "--pipeline.vocab_size", "100"]
 
 
 def _late_vocab_too_large(tmp_path: Path) -> list[str]:
     """A vocabulary the data cannot fill: found by SentencePiece, after reading and cleaning."""
-    return ["--train", write_corpus(tmp_path / "corpus", "small", 300, seed=0), "--vocab_size", "30000"]
+    return [
+        "--pipeline.train",
+        write_corpus(tmp_path / "corpus", "small", 300, seed=0),
+        "--pipeline.vocab_size",
+        "30000",
+    ]
 
 
 def test_late_error_through_the_entry_point_leaves_one_stderr_line(tmp_path: Path) -> None:
     """Progress goes to stdout; invalid UTF-8 found mid-corpus still exits 2 with one stderr line."""
-    flags = ["--src_lang", "en", "--tgt_lang", "de", *_late_bad_utf8(tmp_path), "--spm_model_type", "bpe"]
+    flags = [
+        "--pipeline.src_lang",
+        "en",
+        "--pipeline.tgt_lang",
+        "de",
+        *_late_bad_utf8(tmp_path),
+        "--pipeline.spm_model_type",
+        "bpe",
+    ]
     run = subprocess.run(
         [sys.executable, "-m", "nmt_moe.cli", "prepare", *flags, "--cache_dir", str(tmp_path / "cache")],
         capture_output=True,
@@ -147,8 +188,11 @@ def test_error_inside_sentencepiece_leaves_one_stderr_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A vocabulary too large is found by SentencePiece, after reading, cleaning and progress bars."""
-    flags = ["--src_lang", "en", "--tgt_lang", "de", *_late_vocab_too_large(tmp_path)]
-    assert prepare_main([*flags, "--spm_model_type", "bpe", "--cache_dir", str(tmp_path / "cache")]) == 2
+    flags = ["--pipeline.src_lang", "en", "--pipeline.tgt_lang", "de", *_late_vocab_too_large(tmp_path)]
+    assert (
+        prepare_main([*flags, "--pipeline.spm_model_type", "bpe", "--cache_dir", str(tmp_path / "cache")])
+        == 2
+    )
     captured = capsys.readouterr()
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("nmt-moe prepare: error: ") and "too large" in lines[0]

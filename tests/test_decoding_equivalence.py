@@ -20,24 +20,25 @@ from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.decoding.options import DecodeOptions
 from nmt_moe.decoding.search import EOS_ID
 from nmt_moe.decoding.translate import search_batch
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig
 
 MODEL_KINDS = [
     dict(ffn="none"),
     dict(ffn="dense", input_feeding=False),
-    dict(ffn="moe", gate="noisy_topk", k=2, attention="dot"),
-    dict(ffn="moe", gate="switch", k=1, moe_options={"num_shared_experts": 1}, input_feeding=False),
-    dict(ffn="moe", gate="softmax_topk", k=2, attention="additive", encoder_layers=3, decoder_layers=3,
-         encoder_moe_after=[1, 2], decoder_moe_after=[2]),
+    dict(ffn="moe", moe=dict(gate="noisy_topk", k=2), attention="dot"),
+    dict(ffn="moe", moe=dict(gate="switch", k=1, num_shared_experts=1), input_feeding=False),
+    dict(ffn="moe", moe=dict(gate="softmax_topk", k=2), attention="additive", encoder_layers=3,
+         decoder_layers=3, encoder_moe_after=[1, 2], decoder_moe_after=[2]),
 ]  # fmt: skip
 
 
 def random_seq2seq(kind: dict, seed: int, vocab: int) -> Seq2Seq:
     """A small random model whose EOS logit is raised so that hypotheses end at varied lengths."""
     torch.manual_seed(seed)
-    options = dict(embed_dim=12, hidden_size=16, encoder_layers=2, decoder_layers=2, dropout=0.0,
-                   num_experts=4, d_hidden=8) | kind  # fmt: skip
-    model = Seq2Seq(vocab_size=vocab, **options)
+    options = dict(embed_dim=12, hidden_size=16, encoder_layers=2, decoder_layers=2, dropout=0.0) | kind
+    moe = MoEConfig(**{"num_experts": 4, "d_hidden": 8, **options.pop("moe", {})})
+    model = Seq2Seq(Seq2SeqConfig(vocab_size=vocab, **options, moe=moe))
     with torch.no_grad():
         model.decoder.output.bias[EOS_ID] += (-1.0, 1.0, 2.5)[seed % 3]
     return model.eval()

@@ -12,8 +12,8 @@ from test_checkpoint import tiny_checkpoint
 
 from nmt_moe.cli import main
 from nmt_moe.decoding.int8 import Int8Experts, quantize_int8
-from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import Experts
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import Experts, MoEConfig
 
 
 @pytest.mark.parametrize(("activation", "bias"), [("relu", False), ("swiglu", True)])
@@ -37,10 +37,9 @@ def test_int8_experts_are_close_and_take_counts_as_list_or_tensor(activation: st
 
 def test_quantize_int8_swaps_every_layer_and_keeps_log_probs_close() -> None:
     torch.manual_seed(0)
-    moe = dict(
-        ffn="moe", num_experts=4, k=1, gate="switch", d_hidden=32, moe_options={"num_shared_experts": 1}
-    )
-    model = Seq2Seq(vocab_size=50, embed_dim=32, hidden_size=32, dropout=0.0, **moe).eval()
+    moe = MoEConfig(num_experts=4, k=1, gate="switch", d_hidden=32, num_shared_experts=1)
+    config = Seq2SeqConfig(vocab_size=50, embed_dim=32, hidden_size=32, dropout=0.0, ffn="moe", moe=moe)
+    model = Seq2Seq(config).eval()
     src = torch.randint(4, 50, (6, 7))
     lengths = torch.full((6,), 7)
     with torch.no_grad():

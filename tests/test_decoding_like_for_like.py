@@ -11,14 +11,14 @@ from test_beam import toy_batch
 from test_decoding_equivalence import assert_same
 
 from nmt_moe.decoding.beam import beam_search
-from nmt_moe.models import Seq2Seq, parameter_counts
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
 
 
 def like_for_like(vocab: int = 8000, hidden: int = 256, **extra: object) -> Seq2Seq:
     torch.manual_seed(0)
     options = dict(encoder_layers=2, decoder_layers=1, encoder_bidirectional="all", input_feeding=True,
                    dropout=0.0, ffn="none") | extra  # fmt: skip
-    return Seq2Seq(vocab_size=vocab, embed_dim=hidden, hidden_size=hidden, **options).eval()
+    return Seq2Seq(Seq2SeqConfig(vocab_size=vocab, embed_dim=hidden, hidden_size=hidden, **options)).eval()
 
 
 def lstm(inputs: int, hidden: int) -> int:

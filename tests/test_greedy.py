@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_moe.decoding import greedy_decode
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig
 
 SYMBOLS = 8  # ids 4..11
 
@@ -34,10 +35,10 @@ def reversal_batch(g: torch.Generator, size: int) -> dict[str, torch.Tensor]:
 
 def tiny_model() -> Seq2Seq:
     torch.manual_seed(0)
-    return Seq2Seq(
+    return Seq2Seq(Seq2SeqConfig(
         vocab_size=4 + SYMBOLS, embed_dim=32, hidden_size=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
-        encoder_moe_after=[1], decoder_moe_after=[1], num_experts=4, k=2, d_hidden=32,
-    )  # fmt: skip
+        encoder_moe_after=[1], decoder_moe_after=[1], moe=MoEConfig(num_experts=4, k=2, d_hidden=32),
+    ))  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)

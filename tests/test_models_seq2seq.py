@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
+from nmt_moe.moe import MoEConfig
 
 V, PAD, BOS = 40, 0, 2
 
@@ -24,14 +26,25 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def tiny(**overrides) -> Seq2Seq:
+MODEL_KEYS = {f.name for f in dataclasses.fields(Seq2SeqConfig)}
+
+
+def tiny_config(**overrides) -> Seq2SeqConfig:
+    """The test model's config; an override that is no model knob is an MoE one (k, num_experts, ...)."""
     kwargs = dict(
         vocab_size=V, embed_dim=16, hidden_size=24, encoder_layers=3, decoder_layers=3, dropout=0.1,
-        encoder_moe_after=[2], decoder_moe_after=[1], num_experts=4, k=2, d_hidden=8,
+        encoder_moe_after=[2], decoder_moe_after=[1],
     )  # fmt: skip
-    kwargs.update(overrides)
+    moe = dict(num_experts=4, k=2, d_hidden=8)
+    for key, value in overrides.items():
+        (kwargs if key in MODEL_KEYS else moe)[key] = value
+    return Seq2SeqConfig(**kwargs, moe=MoEConfig(**moe))
+
+
+def tiny(**overrides) -> Seq2Seq:
+    config = tiny_config(**overrides)
     torch.manual_seed(0)
-    return Seq2Seq(**kwargs)
+    return Seq2Seq(config)
 
 
 def batch(lengths: list[int], tgt_lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, ...]:
@@ -115,9 +128,9 @@ def test_aux_loss_trains_the_gates() -> None:
 
 
 def test_config_round_trip_rebuilds_the_same_model() -> None:
-    model = tiny(attention="additive", input_feeding=False, moe_options={}).eval()
+    model = tiny(attention="additive", input_feeding=False).eval()
     config = json.loads(json.dumps(model.config))  # primitives only
-    rebuilt = Seq2Seq(**config).eval()
+    rebuilt = Seq2Seq(Seq2SeqConfig.from_dict(config)).eval()
     rebuilt.load_state_dict(model.state_dict())
     src, lengths, tgt = batch([5, 3], [4, 6])
     torch.testing.assert_close(rebuilt(src, lengths, tgt).logits, model(src, lengths, tgt).logits)
@@ -149,23 +162,40 @@ def test_dense_baseline_has_the_active_size_of_the_moe_model() -> None:
     assert dense_counts["total"] == dense_counts["active"]
 
 
-def test_config_dataclass_matches_the_constructor() -> None:
+def test_config_dataclass_is_the_one_definition_of_the_model() -> None:
     signature = inspect.signature(Seq2Seq.__init__).parameters
-    fields = {f.name: f for f in dataclasses.fields(Seq2SeqConfig)}
-    assert list(fields) == [name for name in signature if name != "self"]
+    assert list(signature) == ["self", "config"]  # every knob is a Seq2SeqConfig field, defined once
     config = Seq2SeqConfig()
-    for name, parameter in signature.items():
-        if name not in ("self", "vocab_size"):
-            default = parameter.default
-            default = dict(default or {}) if name == "moe_options" else default
-            default = list(default) if isinstance(default, tuple) else default
-            assert getattr(config, name) == default, name
-    assert (
-        Seq2Seq(**dataclasses.asdict(Seq2SeqConfig(vocab_size=V, hidden_size=8, embed_dim=8))).config[
-            "vocab_size"
-        ]
-        == V
-    )
+    assert isinstance(config.moe, MoEConfig) and config.moe == MoEConfig()
+    assert Seq2Seq(Seq2SeqConfig(vocab_size=V, hidden_size=8, embed_dim=8)).config["vocab_size"] == V
+
+
+def test_old_flat_config_with_moe_options_builds_the_same_model() -> None:
+    """Checkpoints written before MoEConfig hold num_experts, k, gate, d_hidden and moe_options beside the
+    model's keys: they are read as the nested layout."""
+    model = tiny(gate="switch", k=1, num_shared_experts=1, w_z=0.001).eval()
+    old = {key: value for key, value in model.config.items() if key != "moe"}
+    moe = dict(model.config["moe"])
+    old.update({key: moe.pop(key) for key in ("num_experts", "k", "gate", "d_hidden")}, moe_options=moe)
+    assert Seq2SeqConfig.from_dict(old) == Seq2SeqConfig.from_dict(model.config)
+    rebuilt = Seq2Seq(Seq2SeqConfig.from_dict(old)).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    src, lengths, tgt = batch([5, 3], [4, 6])
+    torch.testing.assert_close(rebuilt(src, lengths, tgt).logits, model(src, lengths, tgt).logits)
+    assert rebuilt.config == model.config
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"vocab_size": V, "hidden_sise": 8}, "unknown key(s) hidden_sise"),
+        ({"vocab_size": V, "moe": {"num_expert": 4}}, "unknown key(s) num_expert"),
+        ({"vocab_size": V, "moe": {}, "moe_options": {}}, "moe.num_shared_experts"),
+    ],
+)
+def test_config_dict_with_unknown_or_mixed_keys_is_named(config: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(named)):
+        Seq2SeqConfig.from_dict(config)
 
 
 @pytest.mark.parametrize(

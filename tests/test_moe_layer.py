@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections import Counter
 
 import pytest
 import torch
 from moe_builders import random_router_layer
 
-from nmt_moe.moe import FeedForward, MoELayer
+from nmt_moe.moe import FeedForward, MoEConfig, MoELayer
 
 D_MODEL, D_HIDDEN, NUM_EXPERTS = 16, 24, 8
 
@@ -266,3 +268,40 @@ def test_input_width_mismatch_names_d_model() -> None:
         layer(torch.randn(3, D_MODEL + 1))
     with pytest.raises(ValueError, match="^mask:"):
         layer(torch.randn(3, D_MODEL), torch.ones(4, dtype=torch.bool))
+
+
+def test_config_mirrors_the_layer_arguments() -> None:
+    """MoEConfig holds MoELayer's arguments less d_model, in order, with the layer's defaults (it adds the
+    model's defaults for the two the layer requires): the two cannot drift apart."""
+    parameters = inspect.signature(MoELayer.__init__).parameters
+    fields = {f.name: f for f in dataclasses.fields(MoEConfig)}
+    assert list(fields) == [name for name in parameters if name not in ("self", "d_model")]
+    config = MoEConfig()
+    for name, parameter in parameters.items():
+        if parameter.default is not inspect.Parameter.empty:
+            assert getattr(config, name) == parameter.default, name
+    assert (config.num_experts, config.d_hidden) == (8, 512)
+
+
+@pytest.mark.parametrize("name", list(GATE_CONFIGS))
+def test_layer_from_config_is_the_layer_from_arguments(name: str) -> None:
+    options = GATE_CONFIGS[name]
+    config = MoEConfig(d_hidden=D_HIDDEN, num_experts=NUM_EXPERTS, **options)
+    torch.manual_seed(0)
+    from_config = MoELayer.from_config(D_MODEL, config)
+    torch.manual_seed(0)
+    from_arguments = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, **options)
+    state, expected = from_config.state_dict(), from_arguments.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value)
+    x = torch.randn(6, D_MODEL)
+    from_config.eval(), from_arguments.eval()
+    torch.testing.assert_close(from_config(x).y, from_arguments(x).y)
+
+
+def test_config_check_names_the_bad_setting_without_building() -> None:
+    with pytest.raises(ValueError, match="^k:"):
+        MoEConfig(num_experts=4, k=5).check(D_MODEL)
+    with pytest.raises(ValueError, match="^d_model:"):
+        MoEConfig().check(0)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nmt_moe.checkpoint import load_model, read_model_files
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 from nmt_moe.moe import collectives, parallel
 from nmt_moe.sharded_checkpoint import full_checkpoint, is_sharded_checkpoint
 
@@ -62,8 +62,8 @@ def nmt_moe(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 def train_2_ranks(data: Path, root: Path, epochs: int, *extra: str) -> subprocess.CompletedProcess:
     return nmt_moe(
         "train", "fit", "--config", str(RECIPE),
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--wandb", "off",
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
@@ -100,7 +100,7 @@ def test_two_rank_checkpoint_holds_full_experts_and_translates_in_one_process(ru
     assert state["global_step"] == 12  # two epochs of 6 steps: the resume continued
     config = state["nmt_moe"]["model_config"]
     w_in = state["state_dict"]["model.encoder.moe.0.experts.w_in"]
-    assert w_in.shape[0] == config["num_experts"] == 4  # both ranks' shards, consolidated
+    assert w_in.shape[0] == config["moe"]["num_experts"] == 4  # both ranks' shards, consolidated
     moments = [
         s["exp_avg"] for s in state["optimizer_states"][0]["state"].values() if s["exp_avg"].dim() == 3
     ]
@@ -120,7 +120,7 @@ def _resharded_worker(rank: int, world: int, port: int, checkpoint: Path, out_di
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         config, state, _ = read_model_files(checkpoint)
-        model = Seq2Seq(**config).eval()
+        model = Seq2Seq(Seq2SeqConfig.from_dict(config)).eval()
         parallel.shard_experts(model, collectives.init_expert_parallel(world))
         parallel.shard_expert_state(state, model)
         model.load_state_dict(state)  # strict: shapes must be the shard's
@@ -164,8 +164,8 @@ def test_validation_with_sharded_experts_matches_one_process(run: tuple[Path, Pa
     (decoding in lockstep, nothing gathered) and in one process (the checkpoint consolidated)."""
     data, root = run
     checkpoint = root / "checkpoints" / "last.ckpt"
-    common = ["--config", str(RECIPE), "--data.train", str(data / "train"),
-              "--data.valid", str(data / "valid"), "--data.test", str(data / "test"),
+    common = ["--config", str(RECIPE), "--data.pipeline.train", str(data / "train"),
+              "--data.pipeline.valid", str(data / "valid"), "--data.pipeline.test", str(data / "test"),
               "--data.cache_dir", str(data / "cache"), "--wandb", "off",
               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
               "--trainer.accelerator", "cpu", "--ckpt_path", str(checkpoint)]  # fmt: skip

@@ -245,35 +245,41 @@ VOCAB, STEPS, CLIP = 24, 2, 0.05
 
 
 MODULE_GATES = {  # Seq2Seq MoE settings per case; no gate noise, so routing is deterministic
-    "noisy_topk": dict(num_experts=4, k=2, moe_options={"noise": False, "w_importance": 0.1, "w_load": 0.1}),
+    "noisy_topk": dict(num_experts=4, k=2, noise=False, w_importance=0.1, w_load=0.1),
     "hierarchical": dict(
         num_experts=8,
         k=2,
         gate="hierarchical",
-        moe_options={"num_groups": 2, "k_group": 1, "noise": False, "w_importance": 0.1, "w_load": 0.1},
-    ),  # fmt: skip
-    "batchwise": dict(num_experts=4, k=2, gate="batchwise", moe_options={"w_importance": 0.1}),
+        num_groups=2,
+        k_group=1,
+        noise=False,
+        w_importance=0.1,
+        w_load=0.1,
+    ),
+    "batchwise": dict(num_experts=4, k=2, gate="batchwise", w_importance=0.1),
 }
 
 
 def make_module(expert_parallel_size: int, gate: str = "noisy_topk") -> Any:
     """A small MoE Seq2Seq in a TranslationModule: no dropout, no gate noise, random (diverse) routers."""
-    from nmt_moe.models import Seq2Seq
+    from nmt_moe.models import Seq2SeqConfig
+    from nmt_moe.moe import MoEConfig
     from nmt_moe.training.module import TranslationModule
 
     torch.manual_seed(0)
-    model = Seq2Seq(
-        VOCAB, embed_dim=8, hidden_size=8, attention="dot", input_feeding=False, dropout=0.0, d_hidden=16,
-        **MODULE_GATES[gate],
+    config = Seq2SeqConfig(
+        VOCAB, embed_dim=8, hidden_size=8, attention="dot", input_feeding=False, dropout=0.0,
+        moe=MoEConfig(d_hidden=16, **MODULE_GATES[gate]),
     )  # fmt: skip
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("w_gate"):  # routers of every MoE layer (hierarchical: both levels)
-                param.normal_()
-    return TranslationModule(
-        model, label_smoothing=0.1, lr=0.01, warmup_steps=0, schedule="constant", val_max_sentences=0,
+    module = TranslationModule(
+        config, label_smoothing=0.1, lr=0.01, warmup_steps=0, schedule="constant", val_max_sentences=0,
         expert_parallel_size=expert_parallel_size,
     )  # fmt: skip
+    with torch.no_grad():  # the model is built first in the module: the same draws as built on its own
+        for name, param in module.model.named_parameters():
+            if name.endswith("w_gate"):  # routers of every MoE layer (hierarchical: both levels)
+                param.normal_()
+    return module
 
 
 def make_batches(world: int) -> list[list[dict[str, torch.Tensor]]]:
@@ -384,11 +390,15 @@ def test_expert_parallel_training_steps_match_one_process(
 
 
 def _decoding_model() -> torch.nn.Module:
-    from nmt_moe.models import Seq2Seq
+    from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+    from nmt_moe.moe import MoEConfig
 
     torch.manual_seed(3)
-    model = Seq2Seq(vocab_size=40, embed_dim=16, hidden_size=16, encoder_layers=2, decoder_layers=2,
-                    num_experts=EXPERTS, k=2, d_hidden=16)  # fmt: skip
+    moe = MoEConfig(num_experts=EXPERTS, k=2, d_hidden=16)
+    config = Seq2SeqConfig(
+        vocab_size=40, embed_dim=16, hidden_size=16, encoder_layers=2, decoder_layers=2, moe=moe
+    )
+    model = Seq2Seq(config)
     return model.eval()
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nmt_moe.models import Seq2Seq
-from nmt_moe.moe import MoELayer, collectives, parallel
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig, MoELayer, collectives, parallel
 from nmt_moe.moe.collectives import ExpertParallel
 
 
@@ -16,10 +16,14 @@ def layout(rank: int, size: int = 2) -> ExpertParallel:
     return ExpertParallel(size=size, rank=rank, group=None, replicas=1, replica_group=None, world_size=size)
 
 
+def small_config() -> Seq2SeqConfig:
+    return Seq2SeqConfig(20, embed_dim=8, hidden_size=8, encoder_layers=3, encoder_moe_after=[1, 2],
+                         moe=MoEConfig(num_experts=4, d_hidden=6))  # fmt: skip
+
+
 def small_model() -> Seq2Seq:
     torch.manual_seed(0)
-    return Seq2Seq(20, embed_dim=8, hidden_size=8, encoder_layers=3, num_experts=4, d_hidden=6,
-                   encoder_moe_after=[1, 2])  # fmt: skip
+    return Seq2Seq(small_config())
 
 
 def test_shards_cover_the_experts_in_rank_order() -> None:
@@ -115,4 +119,4 @@ def test_translation_module_rejects_a_bad_expert_parallel_size() -> None:
     from nmt_moe.training.module import TranslationModule
 
     with pytest.raises(ValueError, match="expert_parallel_size must be >= 1"):
-        TranslationModule(small_model(), expert_parallel_size=0)
+        TranslationModule(small_config(), expert_parallel_size=0)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nmt_moe.cli import main
-from nmt_moe.models import Seq2Seq, parameter_counts
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
 from nmt_moe.plan import (
     PlanError,
     _lstm_macs,
@@ -28,18 +28,23 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 HIER = RECIPES / "wmt14_en_de" / "config.yaml"
 
 
-def write_config(path: Path, init_args: dict, **module: object) -> Path:
+def write_config(path: Path, model: dict, **module: object) -> Path:
     config = {
         "trainer": {"precision": "32-true"},
-        "model": {"model": {"class_path": "nmt_moe.models.Seq2Seq", "init_args": init_args}, **module},
-        "data": {"src_lang": "en", "tgt_lang": "de", "vocab_size": 50, "max_tokens": 256},
+        "model": {"model": model, **module},
+        "data": {"pipeline": {"src_lang": "en", "tgt_lang": "de", "vocab_size": 50}, "max_tokens": 256},
     }
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-SMALL = dict(embed_dim=8, hidden_size=12, encoder_layers=3, decoder_layers=3, num_experts=8, k=2, d_hidden=5,
-             encoder_moe_after=[1, 2], decoder_moe_after=[2])  # fmt: skip
+SMALL = dict(embed_dim=8, hidden_size=12, encoder_layers=3, decoder_layers=3, encoder_moe_after=[1, 2],
+             decoder_moe_after=[2], moe=dict(num_experts=8, k=2, d_hidden=5))  # fmt: skip
+
+
+def small(**moe: object) -> dict:
+    """SMALL with MoE settings changed."""
+    return {**SMALL, "moe": {**SMALL["moe"], **moe}}
 
 
 def peak_rss_bytes() -> int:
@@ -70,7 +75,7 @@ def test_parameter_counts_match_a_real_model(tmp_path: Path) -> None:
     for ffn in ("moe", "dense"):
         args = {**SMALL, "ffn": ffn}
         report = plan(write_config(tmp_path / f"{ffn}.yaml", args))
-        real = Seq2Seq(vocab_size=50, **args)
+        real = Seq2Seq(Seq2SeqConfig(vocab_size=50, **args))
         assert report["parameters"]["total"] == sum(p.numel() for p in real.parameters())
         assert report["parameters"]["active"] == parameter_counts(real)["active"]
 
@@ -90,7 +95,7 @@ def test_flops_match_torch_flop_counter(ffn: str, gate: str, options: dict, atte
     the estimate counts the noisy gates' noise projection, which they skip in evaluation."""
     torch.manual_seed(0)
     model = Seq2Seq(
-        vocab_size=50, ffn=ffn, gate=gate, moe_options=options, attention=attention, **SMALL
+        Seq2SeqConfig(vocab_size=50, ffn=ffn, attention=attention, **small(gate=gate, **options))
     ).train()
     length = 7
     src, tgt = torch.randint(4, 50, (1, length)), torch.randint(4, 50, (1, length))
@@ -116,7 +121,7 @@ def test_optimizer_state_sizes_follow_torch() -> None:
 
 
 def test_memory_counts_bytes_per_precision() -> None:
-    model = Seq2Seq(vocab_size=50, **SMALL)
+    model = Seq2Seq(Seq2SeqConfig(vocab_size=50, **SMALL))
     n = sum(p.numel() for p in model.parameters())
     fp32 = memory_per_device(
         model, optimizer="adam", precision="32-true", tokens_per_batch=100, expert_parallel_size=1, src_len=7
@@ -153,7 +158,7 @@ def test_bad_input_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         plan(config, gpus=4, expert_parallel_size=3)
     with pytest.raises(PlanError, match="must divide num_experts"):
         plan(config, gpus=16, expert_parallel_size=16)
-    bad = write_config(tmp_path / "bad.yaml", {**SMALL, "k": 9})
+    bad = write_config(tmp_path / "bad.yaml", small(k=9))
     with pytest.raises(PlanError, match="k must be"):
         plan(bad)
     assert main(["plan", str(tmp_path / "missing.yaml")]) == 2
@@ -183,3 +188,24 @@ def test_paper_scale_checkpoint_fits_80gb_only_sharded() -> None:
     peaks = plan(HIER, gpus=8, expert_parallel_size=8)["peak_per_device_bytes"]
     assert peaks["checkpoint_if_gathered"] > 80 * 1024**3 > peaks["checkpoint"]
     assert max(peaks["training"], peaks["validation"], peaks["checkpoint"]) < 80 * 1024**3
+
+
+def test_config_in_the_old_layout_plans_the_same_model(tmp_path: Path) -> None:
+    """A config written before the typed model config (class_path/init_args, flat MoE keys, moe_options,
+    flat data section) is still read by `plan`, as the same model."""
+    moe = {"num_experts": 8, "k": 2, "gate": "hierarchical", "d_hidden": 5}
+    new = write_config(tmp_path / "new.yaml", {**SMALL, "moe": {**moe, "num_groups": 2, "k_group": 2}})
+    old_args = {
+        **{k: v for k, v in SMALL.items() if k != "moe"},
+        **moe,
+        "moe_options": {"num_groups": 2, "k_group": 2},
+    }
+    old = {
+        "trainer": {"precision": "32-true"},
+        "model": {"model": {"class_path": "nmt_moe.models.Seq2Seq", "init_args": old_args}},
+        "data": {"src_lang": "en", "tgt_lang": "de", "vocab_size": 50, "max_tokens": 256},
+    }
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    new_plan, old_plan = plan(new), plan(tmp_path / "old.yaml")
+    assert old_plan["model"] == new_plan["model"] and old_plan["model"]["moe"]["num_groups"] == 2
+    assert old_plan["parameters"] == new_plan["parameters"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from nmt_moe.models import Seq2Seq, parameter_counts
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 EN_DE, DENSE, MULTI = (
@@ -45,9 +45,9 @@ def print_config(*configs: Path) -> tuple[int, str]:
 def build(config: Path) -> Seq2Seq:
     """The recipe's Seq2Seq on the meta device (vocab size from the data section, as the CLI links it)."""
     loaded = yaml.safe_load(config.read_text())
-    init_args = loaded["model"]["model"]["init_args"]
+    model = loaded["model"]["model"]
     with torch.device("meta"):
-        return Seq2Seq(vocab_size=loaded["data"]["vocab_size"], **init_args)
+        return Seq2Seq(Seq2SeqConfig(vocab_size=loaded["data"]["pipeline"]["vocab_size"], **model))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -55,14 +55,31 @@ def test_config_parses_with_and_without_smoke_overrides(config: Path) -> None:
     code, text = print_config(config)
     assert code == 0, text
     parsed = yaml.safe_load(text)
-    written = yaml.safe_load(config.read_text())["model"]["model"]["init_args"]
-    assert parsed["data"]["src_lang"] == "en" and parsed["model"]["model"]["init_args"]["k"] == written["k"]
-    assert parsed["trainer"]["max_time"] and parsed["model"]["max_steps"] == parsed["trainer"]["max_steps"]
+    written = yaml.safe_load(config.read_text())["model"]["model"]
+    assert parsed["data"]["pipeline"]["src_lang"] == "en"
+    assert parsed["model"]["model"]["moe"]["k"] == written["moe"]["k"]
+    # the cosine schedule ends at the trainer's max_steps, stated once (model.max_steps unset follows it)
+    assert parsed["trainer"]["max_time"] and parsed["trainer"]["max_steps"] > 0
+    assert parsed["model"]["max_steps"] is None and parsed["model"]["schedule"] == "cosine"
     code, text = print_config(config, SMOKE)
     assert code == 0, text
     smoke = yaml.safe_load(text)
-    assert smoke["model"]["model"]["init_args"]["hidden_size"] == 32 and smoke["trainer"]["max_time"] is None
-    assert smoke["model"]["model"]["init_args"]["ffn"] == parsed["model"]["model"]["init_args"]["ffn"]
+    assert smoke["model"]["model"]["hidden_size"] == 32 and smoke["trainer"]["max_time"] is None
+    assert smoke["model"]["model"]["ffn"] == parsed["model"]["model"]["ffn"]
+    assert smoke["model"]["model"]["moe"]["d_hidden"] == 16  # a later config changes one MoE key ...
+    assert smoke["model"]["model"]["moe"]["gate"] == parsed["model"]["model"]["moe"]["gate"]  # ... only
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_states_each_value_once_in_the_typed_layout(path: Path) -> None:
+    """No model in class_path/init_args form, no untyped moe_options, no data setting outside its section,
+    and the end of training given once (model.max_steps, left unset, follows trainer.max_steps)."""
+    recipe = yaml.safe_load(path.read_text())
+    model, data = recipe.get("model", {}).get("model", {}), recipe.get("data", {})
+    assert not {"class_path", "init_args", "moe_options"} & model.keys()
+    assert set(data) <= {"pipeline", "cache_dir", "max_tokens", "eval_max_tokens", "max_valid_sentences",
+                         "seed", "num_workers", "num_proc"}  # fmt: skip
+    assert not ("max_steps" in recipe.get("trainer", {}) and "max_steps" in recipe.get("model", {}))
 
 
 @pytest.mark.parametrize(
@@ -78,18 +95,15 @@ def test_moe_and_dense_twins_have_equal_active_parameters(moe: Path, dense: Path
     assert moe_counts["active"] - gates == pytest.approx(dense_counts["active"], rel=1e-3)
     assert moe_counts["total"] > 1.5 * dense_counts["total"]
     moe_yaml, dense_yaml = (yaml.safe_load(p.read_text()) for p in (moe, dense))
-    del moe_yaml["model"]["model"]["init_args"]["ffn"], dense_yaml["model"]["model"]["init_args"]["ffn"]
-    del (
-        moe_yaml["model"]["model"]["init_args"]["num_experts"],
-        dense_yaml["model"]["model"]["init_args"]["num_experts"],
-    )
+    del moe_yaml["model"]["model"]["ffn"], dense_yaml["model"]["model"]["ffn"]
+    del moe_yaml["model"]["model"]["moe"]["num_experts"], dense_yaml["model"]["model"]["moe"]["num_experts"]
     for section in (moe_yaml, dense_yaml):
         del section["trainer"]["default_root_dir"]
     assert moe_yaml == dense_yaml  # nothing else differs
 
 
 def test_multilingual_config_lists_its_targets() -> None:
-    data = yaml.safe_load((MULTI / "config.yaml").read_text())["data"]
+    data = yaml.safe_load((MULTI / "config.yaml").read_text())["data"]["pipeline"]
     assert data["src_lang"] == "en" and data["tgt_lang"] == ["de", "fr", "cs"]
 
 

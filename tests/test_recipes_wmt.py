@@ -60,19 +60,17 @@ def test_config_parses_with_and_without_smoke_overrides(config: Path) -> None:
     code, text = print_config(config)
     assert code == 0, text
     parsed = yaml.safe_load(text)
-    assert parsed["data"]["vocab_size"] == 32000 and parsed["model"]["model"]["init_args"]["dropout"] == 0.4
+    assert parsed["data"]["pipeline"]["vocab_size"] == 32000 and parsed["model"]["model"]["dropout"] == 0.4
     code, text = print_config(config, config.parent / "smoke.yaml")
     assert code == 0, text
     smoke = yaml.safe_load(text)
-    assert (
-        smoke["trainer"]["accelerator"] == "cpu" and smoke["model"]["model"]["init_args"]["hidden_size"] == 32
-    )
-    assert smoke["model"]["model"]["init_args"]["gate"] == parsed["model"]["model"]["init_args"]["gate"]
+    assert smoke["trainer"]["accelerator"] == "cpu" and smoke["model"]["model"]["hidden_size"] == 32
+    assert smoke["model"]["model"]["moe"]["gate"] == parsed["model"]["model"]["moe"]["gate"]
 
 
 def test_a_misspelt_key_fails_to_parse(tmp_path: Path) -> None:
     config = yaml.safe_load(CONFIGS[0].read_text())
-    config["model"]["model"]["init_args"]["num_expert"] = 8
+    config["model"]["model"]["moe"]["num_expert"] = 8
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
     code, _ = print_config(tmp_path / "typo.yaml")
     assert code != 0
@@ -115,19 +113,19 @@ def test_config_states_the_papers_settings(config: Path) -> None:
     code, text = print_config(config)
     assert code == 0, text
     parsed = yaml.safe_load(text)
-    module, args = parsed["model"], parsed["model"]["model"]["init_args"]
-    options = args["moe_options"]
+    module, args = parsed["model"], parsed["model"]["model"]
+    options = args["moe"]
     assert (module["optimizer"], module["warmup_steps"], module["hold_steps"], module["schedule"]) == (
         "adam", 2000, 8000, "inverse_sqrt"
     )  # fmt: skip
     assert args["dropout"] == 0.4 and args["embed_dim"] == 512 and options["activation"] == "relu"
     assert options["w_importance"] == 0.01
-    assert parsed["data"]["vocab_size"] == 32000 and parsed["data"]["joint_vocab"]
-    assert parsed["data"]["spm_input_sentence_size"] == 1_000_000
-    expert_parameters = 2 * args["hidden_size"] * args["d_hidden"]
+    assert parsed["data"]["pipeline"]["vocab_size"] == 32000 and parsed["data"]["pipeline"]["joint_vocab"]
+    assert parsed["data"]["pipeline"]["spm_input_sentence_size"] == 1_000_000
+    expert_parameters = 2 * args["hidden_size"] * options["d_hidden"]
     assert expert_parameters == pytest.approx(2 * 512 * 2048, rel=0.05)  # paper: about 2M per expert
     if config.name == "config.yaml":
-        assert (args["gate"], args["num_experts"], args["k"], options["k_group"]) == (
+        assert (options["gate"], options["num_experts"], options["k"], options["k_group"]) == (
             "hierarchical",
             2048,
             2,
@@ -135,7 +133,7 @@ def test_config_states_the_papers_settings(config: Path) -> None:
         )
         assert options["w_load"] == 0.01
     else:
-        assert (args["gate"], args["num_experts"], args["k"]) == ("batchwise", 32, 4)  # strictly balanced
+        assert (options["gate"], options["num_experts"], options["k"]) == ("batchwise", 32, 4)  # balanced
 
 
 # every config as written and with the overrides run.sh gives it (reduced.yaml shrinks config.yaml only)

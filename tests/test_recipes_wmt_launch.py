@@ -27,8 +27,8 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "wmt14_en_de"
 # What a few hundred lines of toy data support (run.sh --smoke uses the same); the model is reduced.yaml's.
-DATA_FLAGS = ["vocab_size", "200", "spm_model_type", "bpe", "max_tokens", "1024", "num_workers", "0",
-              "num_proc", "1"]  # fmt: skip
+DATA_FLAGS = ["pipeline.vocab_size", "200", "pipeline.spm_model_type", "bpe", "max_tokens", "1024",
+              "num_workers", "0", "num_proc", "1"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -42,8 +42,8 @@ def environment() -> dict[str, str]:
 
 
 def data_args(data: Path, cache: Path, prefix: str) -> list[str]:
-    pairs = [("train", data / "train"), ("valid", data / "newstest2013"), ("test", data / "newstest2014"),
-             ("cache_dir", cache)]  # fmt: skip
+    pairs = [("pipeline.train", data / "train"), ("pipeline.valid", data / "newstest2013"),
+             ("pipeline.test", data / "newstest2014"), ("cache_dir", cache)]  # fmt: skip
     flags = [*pairs, *zip(DATA_FLAGS[::2], DATA_FLAGS[1::2], strict=True)]
     return [arg for name, value in flags for arg in (f"--{prefix}{name}", str(value))]
 

@@ -102,8 +102,8 @@ def ddp_train(data: Path, root: Path, *extra: str, fault: dict | None = None) ->
         configs += ["--config", str(root / "fault.yaml")]
     argv = [
         sys.executable, "-m", "nmt_moe.cli", "train", "fit", *configs,
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
         "--trainer.default_root_dir", str(root), "--wandb", "off", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.strategy", "ddp", "--trainer.devices", "2",
         "--trainer.max_steps", str(DDP_STEPS), "--trainer.limit_val_batches", "0",

@@ -199,11 +199,11 @@ def test_train_resume_refuses_unsafe_corrupt_and_foreign_checkpoints(
     # checkpoints of the recipe's model shape (vocab 56) but another model or another vocabulary
     recipe_model = dict(embed_dim=64, hidden_size=128, attention="dot", input_feeding=False, dropout=0.0,
                         tie_embeddings=False, share_embeddings=False, encoder_moe_after=[1],
-                        decoder_moe_after=[1], k=2, d_hidden=64)  # fmt: skip
+                        decoder_moe_after=[1])  # fmt: skip
     other_words = train_tokenizer([f"w{i} x{i % 7} y{i % 13}" for i in range(400)], 56, model_type="bpe")
     cases = {
-        "experts": _seq2seq(vocab_size=56, num_experts=8, **recipe_model),
-        "vocab": _seq2seq(vocab_size=56, num_experts=4, **recipe_model),
+        "experts": _seq2seq(vocab_size=56, moe=dict(num_experts=8, k=2, d_hidden=64), **recipe_model),
+        "vocab": _seq2seq(vocab_size=56, moe=dict(num_experts=4, k=2, d_hidden=64), **recipe_model),
     }
     for name, model in cases.items():
         save_checkpoint(
@@ -215,6 +215,6 @@ def test_train_resume_refuses_unsafe_corrupt_and_foreign_checkpoints(
 
 
 def _seq2seq(**config: object) -> torch.nn.Module:
-    from nmt_moe.models import Seq2Seq
+    from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 
-    return Seq2Seq(**config)
+    return Seq2Seq(Seq2SeqConfig.from_dict(config))

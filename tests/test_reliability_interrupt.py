@@ -32,20 +32,21 @@ MAX_STEPS, EVERY = 15, 3  # last.ckpt every 3 steps (and at the end); validation
 def copy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny_copy data, prepared once here so that concurrent runs only read the cache."""
     from nmt_moe.data.datamodule import TranslationDataModule
+    from nmt_moe.data.pipeline import PipelineConfig
 
     data = write_copy_task(tmp_path_factory.mktemp("copy_data"))
     settings = yaml.safe_load(RECIPE.read_text())["data"]
-    settings.update({split: str(data / split) for split in ("train", "valid", "test")})
+    settings["pipeline"].update({split: str(data / split) for split in ("train", "valid", "test")})
     settings["cache_dir"] = str(data / "cache")
-    TranslationDataModule(**settings).prepare_data()
+    TranslationDataModule(**{**settings, "pipeline": PipelineConfig(**settings["pipeline"])}).prepare_data()
     return data
 
 
 def start(data: Path, root: Path, *extra: str) -> subprocess.Popen:
     argv = [
         sys.executable, "-m", "nmt_moe.cli", "train", "fit", "--config", str(RECIPE),
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
         "--trainer.default_root_dir", str(root), "--wandb", "off", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--trainer.max_steps", str(MAX_STEPS),
         "--trainer.deterministic", "true", "--trainer.log_every_n_steps", "1",

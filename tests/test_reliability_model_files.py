@@ -40,8 +40,14 @@ def bundle(tmp_path: Path) -> Path:
 
 
 def edit_config(bundle: Path, **changes: object) -> None:
+    """Set model config keys; "moe.k" names a key of the nested MoE section."""
     section = json.loads((bundle / CONFIG_FILE).read_text())
-    section["model_config"].update(changes)
+    for key, value in changes.items():
+        *parents, name = key.split(".")
+        target = section["model_config"]
+        for parent in parents:
+            target = target[parent]
+        target[name] = value
     (bundle / CONFIG_FILE).write_text(json.dumps(section))
 
 
@@ -54,13 +60,13 @@ def translate(model: Path, tmp_path: Path, *extra: str) -> int:
     ("changes", "message"),
     [
         ({"hidden_size": 32}, "model config and weights do not match"),  # the weights are 16 wide
-        ({"num_experts": 8}, "model config and weights do not match"),
+        ({"moe.num_experts": 8}, "model config and weights do not match"),
         ({"ffn": "dense"}, "model config and weights do not match"),
         ({"encoder_layers": 3}, "model config and weights do not match"),
         ({"hidden_size": "16"}, "does not fit this nmt-moe's Seq2Seq"),
         ({"dropout": -1}, "dropout must be in [0, 1)"),
-        ({"moe_options": {"no_such_option": 1}}, "does not fit this nmt-moe's Seq2Seq"),
-        ({"k": 1e300}, "does not fit this nmt-moe's Seq2Seq"),
+        ({"moe.no_such_option": 1}, "does not fit this nmt-moe's Seq2Seq"),
+        ({"moe.k": 1e300}, "does not fit this nmt-moe's Seq2Seq"),
         ({"encoder_moe_after": [[1]]}, "does not fit this nmt-moe's Seq2Seq"),
     ],
 )
@@ -93,16 +99,16 @@ def test_weights_file_of_another_model_is_one_line(
 
 OVERSIZED = {
     "400M-vocabulary": {"vocab_size": 400_000_000},
-    "1G-experts": {"num_experts": 10**9},
+    "1G-experts": {"moe.num_experts": 10**9},
     "1G-layers": {"encoder_layers": 10**9},
-    "huge-experts": {"d_hidden": 10**12},
+    "huge-experts": {"moe.d_hidden": 10**12},
 }
 # Runs under the address-space limit: `nmt-moe translate` on each bundle, then the allocation it must avoid.
 LIMITED_SCRIPT = """
 import contextlib, io, json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 from nmt_moe.cli import main
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 results = {{}}
 for name, bundle in json.loads(sys.argv[1]).items():
     err = io.StringIO()
@@ -110,7 +116,7 @@ for name, bundle in json.loads(sys.argv[1]).items():
         code = main(["translate", "-m", bundle, "-i", sys.argv[2]])
     results[name] = [code, err.getvalue()]
 try:
-    Seq2Seq(vocab_size=400_000_000, embed_dim=16, hidden_size=16)
+    Seq2Seq(Seq2SeqConfig(vocab_size=400_000_000, embed_dim=16, hidden_size=16))
     results["allocation"] = "succeeded"
 except (MemoryError, RuntimeError) as error:
     results["allocation"] = type(error).__name__
@@ -191,6 +197,38 @@ def test_checkpoint_hyper_parameters_must_describe_its_own_weights(tmp_path: Pat
         check_training_checkpoint(checkpoint, path)
     checkpoint["hyper_parameters"]["model"]["init_args"]["vocab_size"] = 64
     check_training_checkpoint(checkpoint, path)  # our own class, the checkpoint's own shapes: accepted
+    # the same in the layout written now (the model config itself, no class path)
+    checkpoint["hyper_parameters"]["model"] = {
+        **checkpoint["nmt_moe"]["model_config"],
+        "vocab_size": 400_000_000,
+    }
+    with pytest.raises(ModelLoadError, match="model config and weights do not match"):
+        check_training_checkpoint(checkpoint, path)
+    checkpoint["hyper_parameters"]["model"]["vocab_size"] = 64
+    check_training_checkpoint(checkpoint, path)
+
+
+def old_flat_layout(config: dict) -> dict:
+    """A model config as checkpoints held it before MoEConfig: num_experts, k, gate, d_hidden beside the
+    model's keys and every other MoE setting in moe_options."""
+    old = {key: value for key, value in config.items() if key != "moe"}
+    moe = dict(config["moe"])
+    old.update({key: moe.pop(key) for key in ("num_experts", "k", "gate", "d_hidden")}, moe_options=moe)
+    return old
+
+
+def test_bundle_written_with_moe_options_still_translates(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert translate(bundle, tmp_path, "-o", str(tmp_path / "new.txt")) == 0
+    section = json.loads((bundle / CONFIG_FILE).read_text())
+    section["model_config"] = old_flat_layout(section["model_config"])
+    assert "moe_options" in section["model_config"] and "moe" not in section["model_config"]
+    (bundle / CONFIG_FILE).write_text(json.dumps(section))
+    assert translate(bundle, tmp_path, "-o", str(tmp_path / "old.txt")) == 0
+    assert (tmp_path / "old.txt").read_text() == (tmp_path / "new.txt").read_text()
+    model, _ = load_model(bundle)
+    assert "moe" in model.config and "moe_options" not in model.config  # rebuilt in the new layout
 
 
 # --- output paths ------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_diverging_run_stops_with_the_weights_from_before_the_fault(
     torch.set_num_threads(1)
     code = train(
         "fit", data, root, "--wandb", "off", "--model.lr", "1e30", "--model.warmup_steps", "1",
-        "--model.model.init_args.moe_options", "{loss_free_bias: true}", "--nonfinite.max_consecutive", "3",
+        "--model.model.moe.loss_free_bias", "true", "--nonfinite.max_consecutive", "3",
         "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0", "--model.val_max_sentences", "4",
         # a checkpoint after every step, to compare against

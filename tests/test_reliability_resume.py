@@ -31,11 +31,9 @@ RECIPE = ROOT / "recipes" / "multi30k_multilingual" / "config.yaml"
 MAX_STEPS, VAL_EVERY, AVERAGE_EVERY = 40, 4, 3
 MIN_STEPS_AFTER_RESUME = 30
 GATES = {
-    "noisy_top2": {"gate": "noisy_topk", "k": 2, "moe_options": {"loss_free_bias": True}},
-    "switch_shared": {
-        "gate": "switch", "k": 1, "moe_options": {"loss_free_bias": True, "num_shared_experts": 1},
-    },
-}  # fmt: skip
+    "noisy_top2": {"gate": "noisy_topk", "k": 2, "loss_free_bias": True},
+    "switch_shared": {"gate": "switch", "k": 1, "loss_free_bias": True, "num_shared_experts": 1},
+}
 WORDS = [a + b for a in "bdfgklmnprstvz" for b in "aeiou"]
 
 
@@ -72,14 +70,16 @@ def recipe_config(data: Path, root: Path, gate: str, *callbacks: dict) -> dict:
         },  # fmt: skip
         *callbacks,
     ]
-    model = config["model"]["model"]["init_args"]
-    model.update(embed_dim=32, hidden_size=48, num_experts=4, d_hidden=32, **GATES[gate])
+    model = config["model"]["model"]
+    model.update(embed_dim=32, hidden_size=48)
+    model["moe"].update(num_experts=4, d_hidden=32, **GATES[gate])
     config["model"].update(max_steps=MAX_STEPS, warmup_steps=10, val_max_sentences=16)
-    config["data"] = {
+    pipeline = {
         "src_lang": "src", "tgt_lang": "tgt", "train": str(data / "train"), "valid": str(data / "valid"),
-        "test": str(data / "test"), "cache_dir": str(data / "cache"), "vocab_size": 120,
-        "spm_model_type": "bpe", "max_tokens": 600, "max_valid_sentences": 30, "num_proc": 1,
+        "test": str(data / "test"), "vocab_size": 120, "spm_model_type": "bpe",
     }  # fmt: skip
+    config["data"] = {"pipeline": pipeline, "cache_dir": str(data / "cache"), "max_tokens": 600,
+                      "max_valid_sentences": 30, "num_proc": 1}  # fmt: skip
     config["expert_load"] = {"every_n_steps": 4}
     return config
 
@@ -106,10 +106,11 @@ def finish(process: subprocess.Popen, expected: int) -> str:
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Prepared once, so concurrent runs only read the cache."""
     from nmt_moe.data.datamodule import TranslationDataModule
+    from nmt_moe.data.pipeline import PipelineConfig
 
     data = write_reversal_task(tmp_path_factory.mktemp("reversal"))
     settings = recipe_config(data, data, "noisy_top2")["data"]
-    TranslationDataModule(**settings).prepare_data()
+    TranslationDataModule(**{**settings, "pipeline": PipelineConfig(**settings["pipeline"])}).prepare_data()
     return data
 
 

@@ -13,7 +13,8 @@ from torch import nn
 from nmt_moe.checkpoint import load_model, save_checkpoint
 from nmt_moe.cli import main
 from nmt_moe.data.tokenizer import lang_token, train_tokenizer
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig
 from nmt_moe.routing import line_languages, routing_report
 
 WORDS = "a man woman dog cat runs sits on the red blue big small house street ball , . !".split()
@@ -33,11 +34,11 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sentences(300, 0), 60, model_type="bpe", user_defined_symbols=[lang_token(x) for x in LANGS]
     )
     torch.manual_seed(0)
-    model = Seq2Seq(
+    model = Seq2Seq(Seq2SeqConfig(
         vocab_size=tokenizer.vocab_size, embed_dim=16, hidden_size=16, encoder_layers=3, decoder_layers=2,
-        dropout=0.0, encoder_moe_after=[1, 2], decoder_moe_after=[1], num_experts=8, k=2, d_hidden=8,
-        gate="hierarchical", moe_options={"num_groups": 2, "k_group": 2},
-    )  # fmt: skip
+        dropout=0.0, encoder_moe_after=[1, 2], decoder_moe_after=[1],
+        moe=MoEConfig(num_experts=8, k=2, d_hidden=8, gate="hierarchical", num_groups=2, k_group=2),
+    ))  # fmt: skip
     for name, p in model.named_parameters():
         if ".gate." in name:
             nn.init.normal_(p, std=1.0)

@@ -32,8 +32,8 @@ def train(subcommand: str, data: Path, root: Path, *extra: str) -> int:
     """`nmt-moe train <subcommand>` in-process on the tiny_copy recipe, data and outputs redirected."""
     argv = [
         "train", subcommand, "--config", str(RECIPE),
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", *extra,
     ]  # fmt: skip
@@ -98,13 +98,13 @@ def test_tiny_copy_model_reaches_95_percent_token_accuracy(copy_run: tuple[Path,
 def test_checkpoint_translates_on_its_own(copy_run: tuple[Path, Path]) -> None:
     from nmt_moe.data.tokenizer import Tokenizer
     from nmt_moe.decoding.greedy import greedy_decode
-    from nmt_moe.models import Seq2Seq
+    from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 
     data, root = copy_run
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     extra = checkpoint["nmt_moe"]
     assert extra["version"] == 1
-    model = Seq2Seq(**extra["model_config"])
+    model = Seq2Seq(Seq2SeqConfig.from_dict(extra["model_config"]))
     state = {
         k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")
     }
@@ -130,6 +130,69 @@ def test_checkpoint_reloads_to_the_same_validation_loss(copy_run: tuple[Path, Pa
     versions = sorted(root.glob("csv/version_*"), key=lambda p: int(p.name.split("_")[1]))
     reloaded = last_value(csv_metrics(root, int(versions[-1].name.split("_")[1])), "val/loss")
     assert reloaded == pytest.approx(trained, rel=1e-5, abs=1e-7)
+
+
+def test_checkpoint_written_with_moe_options_still_validates(
+    copy_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A training checkpoint from before the typed model config: hyper-parameters holding the model as
+    {class_path, init_args} with flat MoE keys and moe_options, and the same flat model_config."""
+    data, root = copy_run
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    config = dict(checkpoint["nmt_moe"]["model_config"])
+    moe = config.pop("moe")
+    old = {
+        **config,
+        **{key: moe.pop(key) for key in ("num_experts", "k", "gate", "d_hidden")},
+        "moe_options": moe,
+    }
+    checkpoint["hyper_parameters"]["model"] = {"class_path": "nmt_moe.models.Seq2Seq", "init_args": old}
+    checkpoint["nmt_moe"]["model_config"] = old
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    losses = {}
+    for name, path in {"new": root / "checkpoints" / "last.ckpt", "old": tmp_path / "old.ckpt"}.items():
+        assert train("validate", data, tmp_path / name, "--wandb", "off", "--ckpt_path", str(path)) == 0
+        losses[name] = last_value(csv_metrics(tmp_path / name, 0), "val/loss")
+    assert losses["old"] == losses["new"]
+
+
+def test_print_config_shows_every_knob_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a recipe and with one: every model, MoE, optimisation and data setting is listed (none hidden
+    in an untyped mapping or behind `model: null`); only vocab_size is left to data.pipeline by the link."""
+    import dataclasses
+    import inspect
+
+    import yaml
+
+    from nmt_moe.data.cleaning import CleaningConfig
+    from nmt_moe.data.datamodule import TranslationDataModule
+    from nmt_moe.data.pipeline import PipelineConfig
+    from nmt_moe.models import Seq2SeqConfig
+    from nmt_moe.moe import MoEConfig
+    from nmt_moe.training.module import TranslationModule
+
+    def names(kind: type) -> set[str]:
+        return {field.name for field in dataclasses.fields(kind)}
+
+    def arguments(kind: type) -> set[str]:
+        return set(inspect.signature(kind.__init__).parameters) - {"self"}
+
+    for recipe in ([], ["--config", str(RECIPE)]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "fit", *recipe, "--print_config"])
+        assert exit_.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        module, data = printed["model"], printed["data"]
+        assert set(module) == arguments(TranslationModule)
+        assert set(module["model"]) == names(Seq2SeqConfig) - {"vocab_size"}  # linked from the data
+        assert set(module["model"]["moe"]) == names(MoEConfig)
+        assert set(data) == arguments(TranslationDataModule)
+        assert set(data["pipeline"]) == names(PipelineConfig)
+        assert set(data["pipeline"]["cleaning"]) == names(CleaningConfig)
+        if not recipe:  # the defaults themselves
+            assert module["model"]["moe"] == dataclasses.asdict(MoEConfig())
+            assert data["pipeline"]["cleaning"] == dataclasses.asdict(CleaningConfig())
+            assert module["lr"] == inspect.signature(TranslationModule.__init__).parameters["lr"].default
 
 
 def test_fit_resumes_from_last(copy_run: tuple[Path, Path]) -> None:
@@ -198,7 +261,7 @@ def test_wandb_offline_run_holds_metrics_pictures_and_samples(
     records = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records: metric names appear verbatim
     for key in (b"train/loss", b"train/tok_s", b"val/bleu", b"val/loss", b"moe/encoder.moe0/load_cv", b"lr"):
         assert key in records, key
-    assert b"nmt_moe.models.Seq2Seq" in records  # the full config is logged with the run
+    assert b"expert_backend" in records  # the full config (every MoE knob) is logged with the run
     media = runs[0] / "files" / "media"
     assert list(media.glob("images/moe/encoder.moe0/load_heatmap_*.png"))
     assert list(media.glob("table/val/samples_*.table.json"))
@@ -209,7 +272,7 @@ def test_print_config_shows_every_part(capsys: pytest.CaptureFixture[str]) -> No
         main(["train", "fit", "--config", str(RECIPE), "--print_config"])
     assert exit_.value.code in (0, None)
     out = capsys.readouterr().out
-    expected = ["class_path: nmt_moe.models.Seq2Seq", "num_experts: 4", "label_smoothing:", "vocab_size: 56"]
+    expected = ["moe:", "num_experts: 4", "label_smoothing:", "vocab_size: 56"]
     expected += ["monitor: val/bleu", "every_n_steps: 10", "wandb: auto", "gradient_clip_val: 1.0"]
     for text in expected:
         assert text in out, text

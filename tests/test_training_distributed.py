@@ -30,8 +30,9 @@ def last_val(metrics: Path) -> dict[str, float]:
 def test_ddp_training_and_validation_match_one_process(tmp_path: Path) -> None:
     data = write_copy_task(tmp_path / "data")
     common = [
-        "--config", str(RECIPE), "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"), "--wandb", "off",
+        "--config", str(RECIPE), "--data.pipeline.train", str(data / "train"),
+        "--data.pipeline.valid", str(data / "valid"), "--data.pipeline.test", str(data / "test"),
+        "--data.cache_dir", str(data / "cache"), "--wandb", "off",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]

@@ -7,16 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig
 from nmt_moe.training.module import TranslationModule, token_accuracy
 
 V = 20
 
 
-def tiny_model(**kwargs: object) -> Seq2Seq:
+def tiny_model(moe: dict | None = None, **kwargs: object) -> Seq2SeqConfig:
+    """The config of a tiny model (TranslationModule builds it, right after the seed is set here)."""
     torch.manual_seed(0)
-    options = dict(vocab_size=V, embed_dim=8, hidden_size=16, dropout=0.0, num_experts=4, k=2, d_hidden=8)
-    return Seq2Seq(**{**options, **kwargs})
+    options = dict(vocab_size=V, embed_dim=8, hidden_size=16, dropout=0.0)
+    moe_config = MoEConfig(num_experts=4, k=2, d_hidden=8, **(moe or {}))
+    return Seq2SeqConfig(**{**options, **kwargs}, moe=moe_config)
 
 
 def padded_batch() -> dict[str, torch.Tensor]:
@@ -69,7 +72,7 @@ def test_token_accuracy_counts_real_tokens_only() -> None:
 
 
 def test_update_bias_runs_after_each_optimizer_step() -> None:
-    model = tiny_model(moe_options={"loss_free_bias": True, "bias_update_rate": 0.1})
+    model = tiny_model(moe={"loss_free_bias": True, "bias_update_rate": 0.1})
     module = TranslationModule(model, optimizer="adafactor", warmup_steps=0, schedule="constant")
     optimizer = module.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.Adafactor)
@@ -108,5 +111,5 @@ def test_hyperparameters_are_primitives() -> None:
     module = TranslationModule(tiny_model(), lr=3e-4)
     hparams = dict(module.hparams)
     assert hparams["lr"] == 3e-4
-    assert hparams["model"]["init_args"] == module.model.config
-    assert Seq2Seq(**hparams["model"]["init_args"]).config == module.model.config
+    assert hparams["model"] == module.model.config
+    assert Seq2Seq(Seq2SeqConfig.from_dict(hparams["model"])).config == module.model.config

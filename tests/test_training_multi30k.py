@@ -42,11 +42,12 @@ def test_short_multi30k_run_lowers_validation_loss(
     root = tmp_path / "run"
     common = [
         "--config", str(RECIPE),  # its trainer/callback settings; model and data replaced below
-        "--data.src_lang", "en", "--data.tgt_lang", "de", "--data.train", str(data / "train"),
-        "--data.valid", str(data / "valid"), "--data.test", "null", "--data.cache_dir", str(data / "cache"),
-        "--data.vocab_size", "1000", "--data.spm_model_type", "bpe", "--data.max_tokens", "1024",
-        "--model.model.init_args.embed_dim", "64", "--model.model.init_args.hidden_size", "128",
-        "--model.model.init_args.num_experts", "8", "--model.model.init_args.d_hidden", "64",
+        "--data.pipeline.src_lang", "en", "--data.pipeline.tgt_lang", "de",
+        "--data.pipeline.train", str(data / "train"), "--data.pipeline.valid", str(data / "valid"),
+        "--data.pipeline.test", "null", "--data.cache_dir", str(data / "cache"), "--data.max_tokens", "1024",
+        "--data.pipeline.vocab_size", "1000", "--data.pipeline.spm_model_type", "bpe",
+        "--model.model.embed_dim", "64", "--model.model.hidden_size", "128",
+        "--model.model.moe.num_experts", "8", "--model.model.moe.d_hidden", "64",
         "--model.lr", "0.003", "--model.val_max_sentences", "50",
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false", "--wandb", "off",

@@ -81,10 +81,11 @@ def test_hold_keeps_the_peak_then_inverse_sqrt_from_the_end_of_the_hold() -> Non
 
 
 def test_the_module_passes_hold_steps_to_its_scheduler() -> None:
-    from nmt_moe.models import Seq2Seq
+    from nmt_moe.models import Seq2SeqConfig
+    from nmt_moe.moe import MoEConfig
     from nmt_moe.training.module import TranslationModule
 
-    model = Seq2Seq(vocab_size=16, embed_dim=8, hidden_size=8, num_experts=2, k=1)
+    model = Seq2SeqConfig(vocab_size=16, embed_dim=8, hidden_size=8, moe=MoEConfig(num_experts=2, k=1))
     module = TranslationModule(model, lr=1.0, warmup_steps=2, hold_steps=3)
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     assert [scheduler.lr_lambdas[0](s) for s in range(7)] == pytest.approx(

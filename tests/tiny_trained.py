@@ -14,7 +14,8 @@ from test_checkpoint import tiny_corpus, tiny_tokenizer
 
 from nmt_moe.checkpoint import save_checkpoint
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
+from nmt_moe.moe import MoEConfig
 
 
 def _batch(ids: list[list[int]]) -> tuple[torch.Tensor, ...]:
@@ -44,10 +45,10 @@ def trained_tiny_model(steps: int = 150, seed: int = 0) -> tuple[Seq2Seq, Tokeni
 def _train(steps: int, seed: int) -> tuple[Seq2Seq, Tokenizer]:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = Seq2Seq(
+    model = Seq2Seq(Seq2SeqConfig(
         vocab_size=tokenizer.vocab_size, embed_dim=32, hidden_size=32, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, num_experts=4, k=2, d_hidden=32,
-    )  # fmt: skip
+        dropout=0.0, moe=MoEConfig(num_experts=4, k=2, d_hidden=32),
+    ))  # fmt: skip
     data = tokenizer.encode(tiny_corpus(600, seed=1))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     generator = torch.Generator().manual_seed(seed)

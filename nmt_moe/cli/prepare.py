@@ -4,7 +4,8 @@ Reads the same settings as training's `data:` section, from a config file (a ful
 config or a file of data settings alone) and/or flags named after `TranslationDataModule`'s arguments:
 
     nmt-moe prepare --config recipes/multi30k/config.yaml
-    nmt-moe prepare --src_lang en --tgt_lang de --train data/train --valid data/val --vocab_size 8000
+    nmt-moe prepare --pipeline.src_lang en --pipeline.tgt_lang de --pipeline.train data/train \
+        --pipeline.valid data/val --pipeline.vocab_size 8000
 
 Unlike the other commands, a bad flag here returns exit code 2 (rather than raising SystemExit(2)): the
 flags come from the data module's signature and are checked like the rest of its input.

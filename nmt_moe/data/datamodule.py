@@ -11,6 +11,8 @@ DistributedSampler into a custom batch sampler and raises if asked to).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import datasets
@@ -20,7 +22,6 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from nmt_moe.data.batching import TokenBatchSampler, collate_pairs, padding_fraction
-from nmt_moe.data.cleaning import CleaningConfig
 from nmt_moe.data.columns import read_lengths
 from nmt_moe.data.pipeline import PipelineConfig, PreparedData, prepare
 from nmt_moe.data.tokenizer import Tokenizer
@@ -52,26 +53,9 @@ class TranslationDataModule(pl.LightningDataModule):
     """Local files or a hub WMT set, cleaned, SentencePiece-encoded, cached, and batched by token budget.
 
     Args:
-        src_lang, tgt_lang: language codes; file suffixes for local prefixes, keys for JSONL and hub rows.
-            A list of target languages trains one multilingual model (one-to-many, local files only):
-            every corpus is read once per target language (`train.en` + `train.de`, `train.en` +
-            `train.fr`, ...), each source tagged `<2xx>`, splits concatenated language after language.
-        train: local training corpora (path prefix, .tsv or .jsonl); several are concatenated.
-        valid, test: local evaluation corpora; where absent and `hub_dataset` is set, the hub's splits.
-        hub_dataset, hub_config: e.g. "wmt/wmt14" and "de-en".
+        pipeline: what the prepared data is made of (corpora, languages, SentencePiece, cleaning): every
+            setting that changes it, documented in `PipelineConfig`; they form the cache key.
         cache_dir: where prepared data lives (default $NMT_MOE_CACHE or ~/.cache/nmt_moe).
-        vocab_size, spm_model_type, character_coverage, byte_fallback, joint_vocab: SentencePiece settings
-            (joint_vocab=False trains one model per side, both of vocab_size pieces).
-        spm_input_sentence_size: sentences SentencePiece trains on, drawn at random (seeded) from
-            larger corpora without reading the rest; 0 uses every sentence.
-        spm_seed: seeds that draw, so the same data and settings give a byte-identical tokenizer.
-        spm_num_threads: SentencePiece threads (default: the machine's cores); the model depends on
-            it, so it is part of the cache key; fix it to share vocabularies across machines.
-        content_key: find the cache by the corpus files' bytes rather than their paths and mtimes, so
-            a copied corpus is found (costs one read of the files per run).
-        normalize_whitespace, drop_empty, dedup, max_tokens_per_sentence, max_length_ratio: training-set
-            cleaning; lengths count tokens as in the batch tensors (with BOS/EOS).
-        target_lang_token: prepend `<2{tgt_lang}>` to every source (reserved as a SentencePiece symbol).
         max_tokens: training batch budget, batch size times the longer side's padded length.
         eval_max_tokens: the same for valid/test (default: max_tokens).
         max_valid_sentences: use only the first N validation pairs (keeps validation cheap).
@@ -82,29 +66,8 @@ class TranslationDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        src_lang: str,
-        tgt_lang: str | list[str],
-        train: str | list[str] | None = None,
-        valid: str | None = None,
-        test: str | None = None,
-        hub_dataset: str | None = None,
-        hub_config: str | None = None,
+        pipeline: PipelineConfig,
         cache_dir: str | None = None,
-        vocab_size: int = 8000,
-        spm_model_type: str = "unigram",
-        character_coverage: float = 1.0,
-        byte_fallback: bool = False,
-        joint_vocab: bool = True,
-        spm_input_sentence_size: int = 1_000_000,
-        spm_seed: int = 0,
-        spm_num_threads: int | None = None,
-        content_key: bool = False,
-        normalize_whitespace: bool = True,
-        drop_empty: bool = True,
-        dedup: bool = False,
-        max_tokens_per_sentence: int | None = 256,
-        max_length_ratio: float | None = None,
-        target_lang_token: bool = False,
         max_tokens: int = 4096,
         eval_max_tokens: int | None = None,
         max_valid_sentences: int | None = None,
@@ -113,39 +76,17 @@ class TranslationDataModule(pl.LightningDataModule):
         num_proc: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.config = PipelineConfig(
-            src_lang=src_lang,
-            tgt_lang=tgt_lang if isinstance(tgt_lang, str) else tuple(tgt_lang),
-            train=tuple([train] if isinstance(train, str) else train or ()),
-            valid=valid,
-            test=test,
-            hub_dataset=hub_dataset,
-            hub_config=hub_config,
-            vocab_size=vocab_size,
-            spm_model_type=spm_model_type,
-            character_coverage=character_coverage,
-            byte_fallback=byte_fallback,
-            joint_vocab=joint_vocab,
-            spm_input_sentence_size=spm_input_sentence_size,
-            spm_seed=spm_seed,
-            spm_num_threads=spm_num_threads,
-            content_key=content_key,
-            target_lang_token=target_lang_token,
-            cleaning=CleaningConfig(
-                normalize_whitespace=normalize_whitespace,
-                drop_empty=drop_empty,
-                dedup=dedup,
-                max_tokens_per_sentence=max_tokens_per_sentence,
-                max_length_ratio=max_length_ratio,
-            ),
-        )
-        longest = max_tokens_per_sentence
+        if isinstance(pipeline, Mapping):  # hyper-parameters given back as saved
+            pipeline = PipelineConfig(**pipeline)
+        longest = pipeline.cleaning.max_tokens_per_sentence
         if longest is not None and max_tokens < longest:
             raise ValueError(
                 f"max_tokens={max_tokens} cannot hold a pair of max_tokens_per_sentence={longest}"
             )
-        self.vocab_size = vocab_size
+        self.save_hyperparameters(ignore=["pipeline"])
+        self.hparams["pipeline"] = dataclasses.asdict(pipeline)  # primitives: checkpoints load weights_only
+        self.config = pipeline
+        self.vocab_size = pipeline.vocab_size
         self.cache_dir = cache_dir
         self.max_tokens = max_tokens
         self.eval_max_tokens = eval_max_tokens or max_tokens

@@ -26,7 +26,7 @@ import logging
 import os
 import pickle
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,31 @@ UINT16_VOCAB = 1 << 16
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Everything that changes the prepared data; its fields (plus input file stamps) form the cache key."""
+    """Everything that changes the prepared data; its fields (plus input file stamps) form the cache key.
+
+    src_lang, tgt_lang: language codes; file suffixes for local prefixes, keys for JSONL and hub rows.
+        A list of target languages trains one multilingual model (one-to-many, local files only): every
+        corpus is read once per target language (`train.en` + `train.de`, `train.en` + `train.fr`, ...),
+        each source tagged `<2xx>`, splits concatenated language after language.
+    train: local training corpora (path prefix, .tsv or .jsonl); several are concatenated.
+    valid, test: local evaluation corpora; where absent and `hub_dataset` is set, the hub's splits.
+    hub_dataset, hub_config: e.g. "wmt/wmt14" and "de-en".
+    vocab_size, spm_model_type, character_coverage, byte_fallback, joint_vocab: SentencePiece settings
+        (joint_vocab=False trains one model per side, both of vocab_size pieces).
+    spm_input_sentence_size: sentences SentencePiece trains on, drawn at random (seeded) from larger
+        corpora without reading the rest; 0 uses every sentence (its memory grows with it: docs/DATA.md).
+    spm_seed: seeds that draw, so the same data and settings give a byte-identical tokenizer.
+    spm_num_threads: SentencePiece threads (default: the machine's cores); the model depends on it, so it
+        is part of the cache key; fix it to share vocabularies across machines.
+    target_lang_token: prepend `<2{tgt_lang}>` to every source (reserved as a SentencePiece symbol).
+    cleaning: training-set filters (CleaningConfig); lengths count tokens as in the batch tensors.
+    content_key: find the cache by the corpus files' bytes rather than their paths and mtimes, so a
+        copied corpus is found (costs one read of the files per run).
+    """
 
     src_lang: str
     tgt_lang: str | tuple[str, ...]  # several: one-to-many multilingual, each source tagged <2xx>
-    train: tuple[str, ...] = ()  # local corpora concatenated (prefixes, .tsv or .jsonl)
+    train: str | tuple[str, ...] = ()  # local corpora concatenated (prefixes, .tsv or .jsonl)
     valid: str | None = None
     test: str | None = None
     hub_dataset: str | None = None  # e.g. "wmt/wmt14"; used for splits not given as local files
@@ -79,6 +99,15 @@ class PipelineConfig:
     content_key: bool = False  # key by file contents, not paths and mtimes: a copied corpus is found
 
     def __post_init__(self) -> None:
+        # Normal forms (a frozen dataclass sets them through object.__setattr__): one corpus may be given as
+        # a string, lists (YAML) become tuples, a cleaning mapping (saved hyper-parameters) its dataclass.
+        if isinstance(self.train, str):
+            object.__setattr__(self, "train", (self.train,))
+        object.__setattr__(self, "train", tuple(self.train or ()))
+        if not isinstance(self.tgt_lang, str):
+            object.__setattr__(self, "tgt_lang", tuple(self.tgt_lang))
+        if isinstance(self.cleaning, Mapping):
+            object.__setattr__(self, "cleaning", CleaningConfig(**self.cleaning))
         if not self.train and not self.hub_dataset:
             raise ValueError("no training data: give train (local files) or hub_dataset/hub_config")
         if self.hub_dataset and not self.hub_config:

@@ -7,32 +7,25 @@ positions are left unchanged (dense).
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
-from nmt_moe.moe import FeedForward, MoELayer, MoEOutput
+from nmt_moe.moe import FeedForward, MoEConfig, MoELayer, MoEOutput
 
 FFN_TYPES = ("moe", "dense", "none")
 
 
-def build_ffn(
-    ffn: str, d_model: int, *, num_experts: int, k: int, gate: str, d_hidden: int, options: dict[str, Any]
-) -> nn.Module:
+def build_ffn(ffn: str, d_model: int, moe: MoEConfig) -> nn.Module:
     """A MoELayer, or the dense FeedForward of the same active size: hidden = d_hidden times the experts a
     token visits (k; k * k_group for the hierarchical gate; plus any shared experts)."""
     if ffn == "moe":
-        return MoELayer(
-            d_model=d_model, d_hidden=d_hidden, num_experts=num_experts, k=k, gate=gate, **options
-        )
+        return MoELayer.from_config(d_model, moe)
     if ffn == "dense":
-        per_token = k * (options.get("k_group", 1) if gate == "hierarchical" else 1)
-        per_token += options.get("num_shared_experts", 0)
+        per_token = moe.experts_per_token + moe.num_shared_experts
         return FeedForward(
             d_model,
-            per_token * d_hidden,
-            activation=options.get("activation", "relu"),
-            bias=options.get("ffn_bias", False),  # match the experts, which are bias-free by default
+            per_token * moe.d_hidden,
+            activation=moe.activation,
+            bias=moe.ffn_bias,  # match the experts, which are bias-free by default
         )
     raise ValueError(f"ffn must be 'moe' or 'dense' to build a layer, got {ffn!r}")
 

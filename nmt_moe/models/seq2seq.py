@@ -1,13 +1,14 @@
-"""The MoE encoder-decoder of Shazeer et al. (2017) on a GNMT-style LSTM stack, built from typed arguments.
+"""The MoE encoder-decoder of Shazeer et al. (2017) on a GNMT-style LSTM stack, built from one typed config.
 
-`Seq2Seq(**model.config)` rebuilds a model from a checkpoint; `forward` is teacher forcing for training;
-`encode` / `init_state` / `decode_step` are what greedy and beam search drive one token at a time.
+`Seq2Seq(Seq2SeqConfig.from_dict(model.config))` rebuilds a model from a checkpoint; `forward` is teacher
+forcing for training; `encode` / `init_state` / `decode_step` are what greedy and beam search drive one token
+at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,19 +21,24 @@ from nmt_moe.models.decoder import Decoder, DecoderState, StepOutput
 from nmt_moe.models.encoder import ENCODER_BIDIRECTIONAL, Encoder, EncoderOutput
 from nmt_moe.models.ffn import FFN_TYPES, build_ffn
 from nmt_moe.models.precision import fp32_where_bf16_is_missing
-from nmt_moe.moe import MoELayer, MoEOutput
+from nmt_moe.moe import MoEConfig, MoELayer, MoEOutput
+
+# The flat layout before MoEConfig: these keys sat beside the model's own, any other MoE knob in moe_options.
+LEGACY_MOE_KEYS = ("d_hidden", "num_experts", "k", "gate")
+NEW_LAYOUT = (
+    "the MoE settings now live in the model config's `moe` section (moe.num_experts, moe.k, moe.gate, "
+    "moe.d_hidden and every former moe_options key, e.g. moe.num_shared_experts)"
+)
 
 
 @dataclass
 class Seq2SeqConfig:
-    """Every model knob, as primitives; `Seq2Seq(**dataclasses.asdict(config))` builds the model.
+    """Every model knob: `Seq2Seq(config)` builds the model; the one place they are defined and checked.
 
     vocab_size: joint source/target vocabulary (one SentencePiece model serves both sides).
     embed_dim, hidden_size: embedding and LSTM sizes; the bidirectional bottom encoder layer uses
         hidden_size / 2 per direction.
     encoder_layers, decoder_layers: LSTM layers; residual connections start at the third layer.
-    encoder_bidirectional: "bottom" (GNMT: only the first encoder layer) or "all" (every layer, as
-        OpenNMT-py's brnn encoder).
     attention: "general" | "dot" | "additive".
     input_feeding: feed the previous attention context to the bottom decoder layer (better quality; makes
         that layer step token by token in training).
@@ -43,8 +49,9 @@ class Seq2SeqConfig:
         "none" (plain LSTM stack; the positions below are then ignored).
     encoder_moe_after, decoder_moe_after: 1-based LSTM layers followed by an MoE layer ([2] = between
         layers 2 and 3); each must be below the top layer. The paper: encoder [2], decoder [1].
-    num_experts, k, gate, d_hidden: MoELayer settings; moe_options: any further MoELayer keyword
-        (capacity_factor, w_importance, activation, ...).
+    encoder_bidirectional: "bottom" (GNMT: only the first encoder layer) or "all" (every layer, as
+        OpenNMT-py's brnn encoder).
+    moe: the MoE layers' settings (every layer alike); with ffn "dense" they size the dense layer.
     """
 
     vocab_size: int = 8000
@@ -60,12 +67,8 @@ class Seq2SeqConfig:
     ffn: Literal["moe", "dense", "none"] = "moe"
     encoder_moe_after: list[int] = field(default_factory=lambda: [1])
     decoder_moe_after: list[int] = field(default_factory=lambda: [1])
-    num_experts: int = 8
-    k: int = 2
-    gate: str = "noisy_topk"
-    d_hidden: int = 512
-    moe_options: dict[str, Any] = field(default_factory=dict)
     encoder_bidirectional: Literal["bottom", "all"] = "bottom"
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         """Rejects a bad configuration before anything is built, naming the argument at fault."""
@@ -73,7 +76,8 @@ class Seq2SeqConfig:
             list(self.encoder_moe_after),
             list(self.decoder_moe_after),
         )
-        self.moe_options = dict(self.moe_options)
+        if isinstance(self.moe, Mapping):
+            self.moe = MoEConfig(**self.moe)
         sizes = ["vocab_size", "embed_dim", "hidden_size", "encoder_layers", "decoder_layers"]
         for name in sizes:
             if getattr(self, name) < 1:
@@ -105,12 +109,40 @@ class Seq2SeqConfig:
                     )
             if len(set(positions)) != len(positions):
                 raise ValueError(f"{name} lists a position twice: {positions}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.k <= self.num_experts:
-            raise ValueError(f"k must be in 1..num_experts ({self.num_experts}), got {self.k}")
-        if self.d_hidden < 1:
-            raise ValueError(f"d_hidden must be >= 1, got {self.d_hidden}")
+        moe = self.moe
+        if moe.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {moe.num_experts}")
+        if not 1 <= moe.k <= moe.num_experts:
+            raise ValueError(f"k must be in 1..num_experts ({moe.num_experts}), got {moe.k}")
+        if moe.d_hidden < 1:
+            raise ValueError(f"d_hidden must be >= 1, got {moe.d_hidden}")
+        if self.ffn == "moe":
+            moe.check(self.hidden_size)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> Seq2SeqConfig:
+        """The config a dict describes (`Seq2Seq.config`, a checkpoint's model_config), nested `moe` section
+        or the flat layout older checkpoints hold (num_experts, k, gate, d_hidden and moe_options beside
+        the model's keys). Unknown keys are a ValueError naming them."""
+        values = dict(config)
+        if "moe_options" in values or any(key in values for key in LEGACY_MOE_KEYS):
+            if "moe" in values:
+                raise ValueError(f"model config mixes `moe` with the old flat MoE keys: {NEW_LAYOUT}")
+            moe = {key: values.pop(key) for key in LEGACY_MOE_KEYS if key in values}
+            values["moe"] = {**moe, **dict(values.pop("moe_options", None) or {})}
+        _check_keys(values, cls, "model config")
+        moe = values.get("moe", {})
+        if isinstance(moe, Mapping):
+            _check_keys(moe, MoEConfig, "model config's moe section")
+            values["moe"] = MoEConfig(**moe)
+        return cls(**values)
+
+
+def _check_keys(values: Mapping[str, Any], kind: type, what: str) -> None:
+    known = [f.name for f in dataclasses.fields(kind)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 @dataclass
@@ -125,64 +157,35 @@ class Seq2SeqOutput:
 
 
 class Seq2Seq(nn.Module):
-    def __init__(
-        self,
-        vocab_size: int,
-        embed_dim: int = 256,
-        hidden_size: int = 256,
-        encoder_layers: int = 2,
-        decoder_layers: int = 2,
-        attention: Literal["general", "dot", "additive"] = "general",
-        input_feeding: bool = True,
-        dropout: float = 0.2,
-        tie_embeddings: bool = True,
-        share_embeddings: bool = True,
-        ffn: Literal["moe", "dense", "none"] = "moe",
-        encoder_moe_after: Sequence[int] = (1,),
-        decoder_moe_after: Sequence[int] = (1,),
-        num_experts: int = 8,
-        k: int = 2,
-        gate: str = "noisy_topk",
-        d_hidden: int = 512,
-        moe_options: dict[str, Any] | None = None,
-        encoder_bidirectional: Literal["bottom", "all"] = "bottom",
-    ) -> None:
-        """Arguments as in `Seq2SeqConfig` (which documents them and validates them)."""
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        """The model `config` describes (`Seq2SeqConfig` documents and validates every knob)."""
         super().__init__()
-        cfg = Seq2SeqConfig(
-            vocab_size=vocab_size, embed_dim=embed_dim, hidden_size=hidden_size,
-            encoder_layers=encoder_layers, decoder_layers=decoder_layers, attention=attention,
-            input_feeding=input_feeding, dropout=dropout,
-            tie_embeddings=tie_embeddings, share_embeddings=share_embeddings, ffn=ffn,
-            encoder_moe_after=list(encoder_moe_after), decoder_moe_after=list(decoder_moe_after),
-            num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden, moe_options=dict(moe_options or {}),
-            encoder_bidirectional=encoder_bidirectional,
-        )  # fmt: skip
-        self._config = cfg
+        self._config = cfg = config
         encoder_moe_after, decoder_moe_after = (
-            ([], []) if ffn == "none" else (cfg.encoder_moe_after, cfg.decoder_moe_after)
+            ([], []) if cfg.ffn == "none" else (cfg.encoder_moe_after, cfg.decoder_moe_after)
         )
 
         def ffns(count: int) -> list[nn.Module]:
-            kwargs = dict(num_experts=num_experts, k=k, gate=gate, d_hidden=d_hidden, options=cfg.moe_options)
-            return [build_ffn(ffn, hidden_size, **kwargs) for _ in range(count)]
+            return [build_ffn(cfg.ffn, cfg.hidden_size, cfg.moe) for _ in range(count)]
 
+        vocab_size, embed_dim = cfg.vocab_size, cfg.embed_dim
         src_embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
-        tgt_embedding = src_embedding if share_embeddings else nn.Embedding(vocab_size, embed_dim, PAD_ID)
+        tgt_embedding = src_embedding if cfg.share_embeddings else nn.Embedding(vocab_size, embed_dim, PAD_ID)
         enc_ffns, dec_ffns = ffns(len(encoder_moe_after)), ffns(len(decoder_moe_after))
         self.encoder = Encoder(
-            src_embedding, hidden_size, encoder_layers, dropout, encoder_moe_after, enc_ffns,
-            encoder_bidirectional,
+            src_embedding, cfg.hidden_size, cfg.encoder_layers, cfg.dropout, encoder_moe_after, enc_ffns,
+            cfg.encoder_bidirectional,
         )  # fmt: skip
         self.decoder = Decoder(
-            tgt_embedding, hidden_size, decoder_layers, attention, input_feeding, dropout,
-            decoder_moe_after, dec_ffns, tie_embeddings, PAD_ID,
+            tgt_embedding, cfg.hidden_size, cfg.decoder_layers, cfg.attention, cfg.input_feeding, cfg.dropout,
+            decoder_moe_after, dec_ffns, cfg.tie_embeddings, PAD_ID,
         )  # fmt: skip
         self._init_weights()
 
     @property
     def config(self) -> dict[str, Any]:
-        """The init arguments as primitives: `Seq2Seq(**model.config)` rebuilds this model."""
+        """The config as primitives (nested `moe` section), as checkpoints store it:
+        `Seq2Seq(Seq2SeqConfig.from_dict(model.config))` rebuilds this model."""
         return dataclasses.asdict(self._config)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Seq2SeqOutput:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from nmt_moe.moe.collectives import ExpertParallel, all_gather_cat, run_sharded_experts, sum_over_ranks
+from nmt_moe.moe.config import GateName, MoEConfig, check_moe_arguments
 from nmt_moe.moe.dispatch import apply_capacity, combine, expert_capacity, expert_counts, sort_assignments
-from nmt_moe.moe.experts import ACTIVATIONS, EXPERT_BACKENDS, ExpertBackend, Experts, FeedForward
+from nmt_moe.moe.experts import ExpertBackend, Experts, FeedForward
 from nmt_moe.moe.gates import (
-    GATES,
     BatchwiseGate,
     HierarchicalGate,
     NoisyTopKGate,
@@ -26,8 +26,6 @@ from nmt_moe.moe.gates import (
     SigmoidGate,
     SoftmaxTopKGate,
 )
-
-GateName = Literal["noisy_topk", "batchwise", "softmax_topk", "switch", "sigmoid", "hierarchical"]
 
 
 @dataclass
@@ -115,7 +113,7 @@ class MoELayer(nn.Module):
         expert_backend: ExpertBackend = "auto",
     ) -> None:
         super().__init__()
-        _validate(locals())
+        check_moe_arguments(locals())
         self.d_model, self.num_experts, self.k, self.gate_name = d_model, num_experts, k, gate
         self.capacity_factor, self.bias_update_rate = capacity_factor, bias_update_rate
         self.experts_per_token = k * k_group if gate == "hierarchical" else k
@@ -143,6 +141,11 @@ class MoELayer(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts))  # saved: inference routes with it
             self.register_buffer("load_since_update", torch.zeros(num_experts), persistent=False)
         self.expert_parallel: ExpertParallel | None = None  # set by `shard`
+
+    @classmethod
+    def from_config(cls, d_model: int, config: MoEConfig) -> MoELayer:
+        """The layer `config` describes, on tokens of width d_model."""
+        return cls(d_model, **vars(config))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
         """x [..., d_model]; mask [...] bool, True = real token (padding is neither routed nor counted)."""
@@ -305,50 +308,3 @@ def _build_gate(
     if gate == "sigmoid":
         return SigmoidGate(d_model, num_experts, k)
     return HierarchicalGate(d_model, num_experts, k, num_groups, k_group, noise=noise, noise_epsilon=eps)
-
-
-def _validate(args: dict) -> None:
-    """Raise ValueError naming the first bad argument of MoELayer."""
-
-    def bad(name: str, why: str) -> None:
-        raise ValueError(f"{name}: {why}, got {args[name]!r}")
-
-    for name in ("d_model", "d_hidden", "num_experts", "k", "num_groups", "k_group"):
-        if not isinstance(args[name], int) or args[name] < 1:
-            bad(name, "must be a positive integer")
-    gate, k, num_experts = args["gate"], args["k"], args["num_experts"]
-    if gate not in GATES:
-        bad("gate", f"must be one of {GATES}")
-    if args["activation"] not in ACTIVATIONS:
-        bad("activation", f"must be one of {ACTIVATIONS}")
-    if args["expert_backend"] not in EXPERT_BACKENDS:
-        bad("expert_backend", f"must be one of {EXPERT_BACKENDS}")
-    if gate == "hierarchical":
-        if num_experts % args["num_groups"]:
-            bad("num_groups", f"must divide num_experts={num_experts}")
-        if args["k_group"] > args["num_groups"]:
-            bad("k_group", f"must be <= num_groups={args['num_groups']}")
-        if k > num_experts // args["num_groups"]:
-            bad("k", f"must be <= experts per group ({num_experts // args['num_groups']})")
-    else:
-        if k > num_experts:
-            bad("k", f"must be <= num_experts={num_experts}")
-        if args["num_groups"] != 1 or args["k_group"] != 1:
-            bad("num_groups" if args["num_groups"] != 1 else "k_group", "only applies to gate='hierarchical'")
-    if gate == "switch" and k != 1:
-        bad("k", "must be 1 for gate='switch' (use softmax_topk for k > 1)")
-    if gate == "batchwise" and args["loss_free_bias"]:
-        bad("loss_free_bias", "has no effect with gate='batchwise' (each expert already takes its top m)")
-    if not 0.0 <= args["dropout"] < 1.0:
-        bad("dropout", "must be in [0, 1)")
-    for name in ("w_importance", "w_load", "w_balance", "w_z", "w_threshold"):
-        if args[name] < 0:
-            bad(name, "must be >= 0")
-    if args["noise_epsilon"] <= 0:
-        bad("noise_epsilon", "must be > 0")
-    if args["capacity_factor"] is not None and args["capacity_factor"] <= 0:
-        bad("capacity_factor", "must be > 0 or None (dropless)")
-    if args["bias_update_rate"] <= 0:
-        bad("bias_update_rate", "must be > 0")
-    if args["num_shared_experts"] < 0:
-        bad("num_shared_experts", "must be >= 0")

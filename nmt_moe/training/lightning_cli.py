@@ -17,10 +17,11 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from nmt_moe.checkpoint import load_weights_only
 from nmt_moe.data.datamodule import TranslationDataModule
-from nmt_moe.model_files import check_training_checkpoint
+from nmt_moe.model_files import ModelLoadError, check_training_checkpoint
 from nmt_moe.training.callbacks import ExpertLoadMonitor, SampleTranslations, TokensPerSecond
 from nmt_moe.training.faults import GracefulInterrupt, NonFiniteGuard, SafeCheckpointIO, StepSeed
 from nmt_moe.training.module import TranslationModule
+from nmt_moe.training.old_layout import model_hparams_in_new_layout, old_layout_in_argv
 from nmt_moe.training.progress import TrainingProgress
 from nmt_moe.training.tracking import WANDB_MODES, wandb_api_key_configured
 
@@ -69,7 +70,7 @@ class TrainCLI(LightningCLI):
             help="W&B logging: auto (online only when an API key is configured), online, offline, "
             "or off (CSV logger instead). Ignored when --trainer.logger names another logger.",
         )
-        parser.link_arguments("data.vocab_size", "model.model.init_args.vocab_size")
+        parser.link_arguments("data.pipeline.vocab_size", "model.model.vocab_size")
         # Best by BLEU, and a separate "last" (overwritten at every save): ModelCheckpoint(save_last=True)
         # in Lightning 2.6 refreshes last.ckpt only when the best one changes, which breaks resuming.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -114,19 +115,39 @@ class TrainCLI(LightningCLI):
         for key in ("checkpoint", "last_checkpoint", "interrupt", "nonfinite"):
             parser.link_arguments("trainer.default_root_dir", f"{key}.dirpath", compute_fn=checkpoint_dir)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Configs and flags in the layout before the typed model and data configs are refused in one line
+        naming the new keys (jsonargparse would list every key it expected instead)."""
+        why = old_layout_in_argv(args) if isinstance(args, list) else None
+        if why:
+            raise ConfigError(why)
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI merges `--ckpt_path`'s hyper-parameters into the config and builds what they
-        name: check them first (our model class only, and a model of the checkpoint's own weights).
-        It reads the file with a bare torch.load (weights_only): on failure, load it again through
-        our loader, which says in one line what is wrong."""
-        path = self.config[self.config.subcommand].get("ckpt_path")
-        if path and Path(path).is_file():
-            check_training_checkpoint(load_weights_only(path), path)
-        try:
-            super()._parse_ckpt_path()
-        except Exception:
-            load_weights_only(self.config[self.config.subcommand].ckpt_path)  # raises ModelLoadError
-            raise
+        describe. Done here through our loader (one-line errors, weights_only), after checking them (our
+        model only, and a model of the checkpoint's own weights); a model config saved in the older
+        {class_path, init_args} form with flat MoE keys is read as the new nested one."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (path and Path(path).is_file()):
+            return
+        checkpoint = load_weights_only(path)
+        check_training_checkpoint(checkpoint, path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if isinstance(hparams.get("model"), dict):
+            try:
+                hparams["model"] = model_hparams_in_new_layout(hparams["model"])
+            except (TypeError, ValueError) as error:
+                raise ModelLoadError(
+                    f"{path}: its model config does not fit this nmt-moe ({error})"
+                ) from error
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def instantiate_classes(self) -> None:
         try:

@@ -1,13 +1,14 @@
 """The LightningModule that trains a `Seq2Seq`: label-smoothed cross entropy plus the MoE auxiliary losses,
 Adam or Adafactor with warm-up schedules, and validation by loss, perplexity and sacreBLEU of greedy output.
 
-The `Seq2Seq` is passed in (dependency injection), so LightningCLI shows every model knob under
-`model.model.init_args.*` and nothing here repeats the model's arguments.
+The model is given as its typed `Seq2SeqConfig`, so LightningCLI lists every model and MoE knob, with its
+default, under `model.model.*` and `model.model.moe.*`, and nothing here repeats them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -21,7 +22,7 @@ from nmt_moe.checkpoint import check_resumable
 from nmt_moe.data.tokenizer import PAD_ID, Tokenizer
 from nmt_moe.decoding.greedy import greedy_decode
 from nmt_moe.evaluation import score
-from nmt_moe.models import Seq2Seq
+from nmt_moe.models import Seq2Seq, Seq2SeqConfig
 from nmt_moe.moe import MoELayer, collectives, moe_layers
 from nmt_moe.training.expert_parallel import ExpertParallelStrategy
 from nmt_moe.training.lockstep import greedy_decode_lockstep
@@ -34,7 +35,7 @@ OPTIMIZERS = ("adam", "adamw", "adafactor")
 class TranslationModule(pl.LightningModule):
     def __init__(
         self,
-        model: Seq2Seq,
+        model: Seq2SeqConfig,
         *,
         label_smoothing: float = 0.1,
         optimizer: Literal["adam", "adamw", "adafactor"] = "adam",
@@ -54,8 +55,8 @@ class TranslationModule(pl.LightningModule):
     ) -> None:
         """
         Args:
-            model: the Seq2Seq to train. In YAML: `model: {class_path: nmt_moe.models.Seq2Seq, init_args:
-                {...}}`; `nmt-moe train` fills `init_args.vocab_size` from `data.vocab_size`.
+            model: the Seq2Seq to train, by its config (in YAML `model: {embed_dim: ..., moe: {k: ...}}`);
+                `nmt-moe train` fills `vocab_size` from `data.pipeline.vocab_size`.
             label_smoothing: epsilon of the label-smoothed cross entropy.
             optimizer: "adam", "adamw" (decoupled weight decay) or "adafactor" (`torch.optim.Adafactor`,
                 factored second moments: the memory-light choice for large expert banks).
@@ -77,6 +78,8 @@ class TranslationModule(pl.LightningModule):
                 sharded directories (each rank writes its own experts).
         """
         super().__init__()
+        if isinstance(model, Mapping):  # hyper-parameters given back as saved (load_from_checkpoint)
+            model = Seq2SeqConfig.from_dict(model)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if lr <= 0:
@@ -85,7 +88,8 @@ class TranslationModule(pl.LightningModule):
             raise ValueError(f"val_max_sentences must be >= 0, got {val_max_sentences}")
         if expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be >= 1, got {expert_parallel_size}")
-        for _, layer in moe_layers(model):
+        seq2seq = Seq2Seq(model)
+        for _, layer in moe_layers(seq2seq):
             if layer.num_experts % expert_parallel_size:  # fail now, not after data preparation
                 raise ValueError(f"expert_parallel_size={expert_parallel_size} must divide num_experts="
                                  f"{layer.num_experts}")  # fmt: skip
@@ -95,12 +99,11 @@ class TranslationModule(pl.LightningModule):
         lr_multiplier(
             schedule, warmup_steps, max_steps or warmup_steps + hold_steps + 1, min_lr_ratio, hold_steps
         )
-        # Hyper-parameters hold primitives only, so checkpoints load with weights_only=True: the model is
-        # stored as the class_path/init_args form LightningCLI parses.
+        # Hyper-parameters hold primitives only, so checkpoints load with weights_only=True: the model config
+        # is stored as the nested dict LightningCLI parses back into a Seq2SeqConfig.
         self.save_hyperparameters(ignore=["model"])
-        self.hparams["model"] = {"class_path": f"{type(model).__module__}.{type(model).__name__}",
-                                 "init_args": model.config}  # fmt: skip
-        self.model = model
+        self.hparams["model"] = dataclasses.asdict(model)
+        self.model = seq2seq
         self.moe_layers = [layer for _, layer in moe_layers(self.model)]
         self.eval_metrics = torch.nn.ModuleDict(
             {name: MeanMetric() for name in ("loss", "nll", "acc")}

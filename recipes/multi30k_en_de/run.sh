@@ -65,7 +65,8 @@ mkdir -p "$OUT"
 start=$SECONDS
 
 configs=(--config "$CONFIG")
-data_settings=(train "$DATA/train" valid "$DATA/val" test "$DATA/test_2016_flickr" cache_dir "$OUT/cache")
+data_settings=(pipeline.train "$DATA/train" pipeline.valid "$DATA/val" pipeline.test "$DATA/test_2016_flickr"
+  cache_dir "$OUT/cache")
 if $smoke; then
   # The first lines of each split, so the smoke run needs nothing but the real corpus.
   mkdir -p "$OUT/data"
@@ -77,8 +78,8 @@ if $smoke; then
   DATA="$OUT/data"
   configs+=(--config "$RECIPE_DIR/smoke.yaml")
   # Data settings 400 lines can support (also given to prepare, which reads one config only).
-  data_settings=(train "$DATA/train" valid "$DATA/val" test "$DATA/test_2016_flickr" cache_dir "$OUT/cache"
-    vocab_size 300 max_tokens 1024 max_tokens_per_sentence 64)
+  data_settings=(pipeline.train "$DATA/train" pipeline.valid "$DATA/val" pipeline.test "$DATA/test_2016_flickr"
+    cache_dir "$OUT/cache" pipeline.vocab_size 300 max_tokens 1024 pipeline.cleaning.max_tokens_per_sentence 64)
   BEAM=2
   AVERAGE_N=2
   SAVE_EVERY=4

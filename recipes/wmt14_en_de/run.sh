@@ -70,7 +70,7 @@ wandb="${WANDB:-auto}"
 if $smoke; then
   configs+=(--config "$RECIPE_DIR/smoke.yaml")
   # Data settings a few hundred lines can support (also given to prepare, which reads one config only).
-  data_settings+=(vocab_size 200 spm_model_type bpe max_tokens 1024 num_workers 0 num_proc 1)
+  data_settings+=(pipeline.vocab_size 200 pipeline.spm_model_type bpe max_tokens 1024 num_workers 0 num_proc 1)
   wandb=off
   BEAM=4
   AVERAGE_N=2
@@ -78,7 +78,7 @@ elif $reduced; then
   [[ "$variant" == hier2048 ]] || { echo "run.sh: --reduced goes with --variant hier2048" >&2; exit 2; }
   configs+=(--config "$RECIPE_DIR/reduced.yaml")
   # Data settings for ~100k short pairs on 2 CPU cores (prepare reads one config: given as flags too).
-  data_settings+=(vocab_size 4000 max_tokens 2048 num_workers 0 num_proc 2)
+  data_settings+=(pipeline.vocab_size 4000 max_tokens 2048 num_workers 0 num_proc 2)
   wandb=off  # the CSV log, which expert_load.py reads
   BEAM=5
 elif [[ -n "${TRAIN_LAUNCHER:-}" ]]; then
@@ -88,7 +88,8 @@ fi
 
 # --- data: local files in WMT layout, or the HF hub --------------------------------------------------------
 if [[ -f "$DATA/train.$SRC" && -f "$DATA/train.$TGT" ]]; then
-  data_settings+=(train "$DATA/train" valid "$DATA/newstest2013" test "$DATA/newstest2014")
+  data_settings+=(pipeline.train "$DATA/train" pipeline.valid "$DATA/newstest2013"
+    pipeline.test "$DATA/newstest2014")
   TEST="$DATA/newstest2014"
 elif $smoke || $reduced; then
   echo "run.sh --smoke/--reduced: expected $DATA/train.$SRC and $DATA/train.$TGT (WMT layout)" >&2
