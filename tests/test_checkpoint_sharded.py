@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint, tiny_model, tiny_tokenizer
+from helpers.tiny_models import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 import nmt_moe.sharded_checkpoint as sharded
 from nmt_moe.averaging import average_checkpoints, average_main

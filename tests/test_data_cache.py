@@ -13,7 +13,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from test_data_datamodule import write_corpus
+from helpers.data import spm_sample, write_corpus
 
 from nmt_moe.data import pipeline
 from nmt_moe.data.pipeline import CACHE_VERSION, PipelineConfig, prepare
@@ -103,11 +103,11 @@ def test_sample_is_drawn_without_reading_every_row(train: str, tmp_path: Path) -
     ds = datasets.Dataset.from_dict(
         {"src": [f"s{i}" for i in range(1000)], "tgt": [f"t{i}" for i in range(1000)]}
     )
-    sample = list(pipeline.spm_sample(ds, ("src", "tgt"), 300, seed=0))
+    sample = list(spm_sample(ds, ("src", "tgt"), 300, seed=0))
     assert len(sample) == len(set(sample)) == 300
     assert {s[0] for s in sample} == {"s", "t"}
-    assert sample == list(pipeline.spm_sample(ds, ("src", "tgt"), 300, seed=0))
-    assert list(pipeline.spm_sample(ds, ("src",), 5000, seed=0)) == ds["src"][:]  # fits: streamed whole
+    assert sample == list(spm_sample(ds, ("src", "tgt"), 300, seed=0))
+    assert list(spm_sample(ds, ("src",), 5000, seed=0)) == ds["src"][:]  # fits: streamed whole
 
 
 BUILDER = textwrap.dedent(

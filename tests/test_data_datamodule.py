@@ -7,29 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers.data import write_corpus
 
 from nmt_moe.data import pipeline
 from nmt_moe.data.datamodule import TranslationDataModule
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, lang_token
-
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pu", "gra", "sho", "tek", "bel"]
-
-
-def write_corpus(
-    directory: Path, name: str, n: int, seed: int, langs: tuple[str, str] = ("en", "de"), min_words: int = 1
-) -> str:
-    """n synthetic pairs (target = source words reversed, spelled backwards) at directory/name.{src,tgt}."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(150)]
-    src_lines, tgt_lines = [], []
-    for _ in range(n):
-        sentence = [rng.choice(words) for _ in range(rng.randint(min_words, 14))]
-        src_lines.append(" ".join(sentence))
-        tgt_lines.append(" ".join(w[::-1] for w in reversed(sentence)))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.{langs[0]}").write_text("\n".join(src_lines) + "\n", encoding="utf-8")
-    (directory / f"{name}.{langs[1]}").write_text("\n".join(tgt_lines) + "\n", encoding="utf-8")
-    return str(directory / name)
 
 
 @pytest.fixture

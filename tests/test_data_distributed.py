@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_data_datamodule import write_corpus
+from helpers.data import write_corpus
 
 from nmt_moe.data.datamodule import TranslationDataModule
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_data_datamodule import write_corpus
+from helpers.data import write_corpus
 
 from nmt_moe.data.prepare import prepare_main
 

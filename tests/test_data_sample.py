@@ -9,10 +9,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from test_data_datamodule import write_corpus
+from helpers.data import spm_sample, write_corpus
 
 from nmt_moe.data import pipeline
-from nmt_moe.data.pipeline import PipelineConfig, prepare, read_spm_sample, spm_sample, write_spm_sample
+from nmt_moe.data.pipeline import PipelineConfig, prepare, read_spm_sample, write_spm_sample
 from nmt_moe.data.tokenizer import train_tokenizer
 
 AWKWARD = ["", "a\nb", "tab\there", "cr\r\n", " lead", "ü ß 漢字 🙂", "\x00nul", "x" * 5000]

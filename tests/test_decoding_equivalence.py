@@ -1,8 +1,8 @@
 """The restructured beam search and greedy decoding return exactly what the pre-issue-18 code returned.
 
-`decoding_reference.py` holds a frozen copy of the old search. On random small models (the toy stand-in
-and real Seq2Seq stacks with MoE, dense and no FFN layers, every attention type, with and without input
-feeding) and many random batches and settings, tokens, scores, log-probs and experts must be equal bit
+tests/helpers/decoding_reference.py holds a frozen copy of the old search. On random small models (the toy
+stand-in and real Seq2Seq stacks with MoE, dense and no FFN layers, every attention type, with and without
+input feeding) and many random batches and settings, tokens, scores, log-probs and experts must be equal bit
 for bit, not just close.
 """
 
@@ -12,8 +12,8 @@ import random
 
 import pytest
 import torch
-from decoding_reference import reference_beam_search, reference_greedy_decode
-from test_beam import ToyModel, toy_batch
+from helpers.decoding import ToyModel, assert_same, toy_batch
+from helpers.decoding_reference import reference_beam_search, reference_greedy_decode
 
 from nmt_moe.decoding.beam import beam_search
 from nmt_moe.decoding.greedy import greedy_decode
@@ -55,15 +55,6 @@ def random_options(rng: random.Random) -> dict:
         max_len_a=rng.choice([0.0, 0.5, 1.5]), max_len_b=rng.choice([1, 3, 6]),
         return_experts=rng.random() < 0.5,
     )  # fmt: skip
-
-
-def assert_same(new: list, old: list) -> None:
-    """Exact equality of every field of every hypothesis (floats compared with ==)."""
-    assert len(new) == len(old)
-    for new_list, old_list in zip(new, old, strict=True):
-        assert [(h.tokens, h.score, h.log_prob, h.experts) for h in new_list] == [
-            (h.tokens, h.score, h.log_prob, h.experts) for h in old_list
-        ]
 
 
 @pytest.mark.parametrize("seed", range(6))

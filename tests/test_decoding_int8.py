@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint
+from helpers.tiny_models import tiny_checkpoint
 
 from nmt_moe.cli import main
 from nmt_moe.decoding.int8 import Int8Experts, quantize_int8

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from decoding_reference import reference_beam_search
-from test_beam import toy_batch
-from test_decoding_equivalence import assert_same
+from helpers.decoding import assert_same, toy_batch
+from helpers.decoding_reference import reference_beam_search
 
 from nmt_moe.decoding.beam import beam_search
 from nmt_moe.models import Seq2Seq, parameter_counts

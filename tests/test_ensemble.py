@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint, tiny_model, tiny_tokenizer
+from helpers.tiny_models import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 from nmt_moe.checkpoint import save_checkpoint
 from nmt_moe.cli import main

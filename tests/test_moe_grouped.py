@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from moe_builders import random_router_layer
+from helpers.moe import random_router_layer
 from torch.overrides import TorchFunctionMode
 
 from nmt_moe.moe import MoELayer, gates

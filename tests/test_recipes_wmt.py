@@ -12,7 +12,6 @@ import csv
 import importlib.util
 import io
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.data import write_wmt_layout
 
 from nmt_moe.plan import GIB, plan
 
@@ -255,19 +255,6 @@ def test_run_sh_is_valid_bash(recipe: Path) -> None:
     if shutil.which("shellcheck"):
         subprocess.run(["shellcheck", "-x", str(script)], check=True)
     assert (recipe / "run.sh").stat().st_mode & 0o111, "run.sh must be executable"
-
-
-def write_wmt_layout(directory: Path, src: str, tgt: str, lines: int = 300) -> None:
-    """A toy word-for-word language pair in WMT file layout: train, newstest2013, newstest2014."""
-    rng = random.Random(0)
-    words = "the a man woman dog cat red big small house park runs sees eats in and with ball".split()
-    lexicon = {w: w[::-1] + "x" for w in words}
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", lines), ("newstest2013", 30), ("newstest2014", 30)):
-        pairs = [[rng.choice(words) for _ in range(rng.randint(3, 9))] for _ in range(n)]
-        (directory / f"{name}.{src}").write_text("".join(" ".join(p).capitalize() + " .\n" for p in pairs))
-        translated = (" ".join(lexicon[w] for w in p).capitalize() + " .\n" for p in pairs)
-        (directory / f"{name}.{tgt}").write_text("".join(translated))
 
 
 @pytest.mark.slow

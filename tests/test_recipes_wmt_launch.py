@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_recipes_wmt import write_wmt_layout
+from helpers.data import write_wmt_layout
 
 pytestmark = pytest.mark.distributed
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_checkpoint import tiny_checkpoint
+from helpers.tiny_models import tiny_checkpoint
 
 from nmt_moe import atomic_files
 from nmt_moe.checkpoint import export_bundle, load_model, save_checkpoint

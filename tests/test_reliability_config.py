@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_cli import RECIPE
+from helpers.training import RECIPE
 
 from nmt_moe.cli import main
 

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_reliability_files import one_line_error
-from test_reliability_interrupt import copy_data  # noqa: F401  (fixture)
-from test_train_cli import train
+from helpers.cli import one_line_error
+from helpers.training import train
 
 from nmt_moe.training.faults import CheckpointWriteError, SafeCheckpointIO
 

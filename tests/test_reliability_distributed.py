@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_parallel_distributed import spawn
-from test_reliability_interrupt import copy_data  # noqa: F401  (fixture)
-from test_train_cli import RECIPE
+from helpers.distributed import spawn
+from helpers.training import RECIPE
 
 from nmt_moe.moe import MoELayer
 from nmt_moe.training.module import update_balancing_biases
@@ -97,7 +96,7 @@ def ddp_train(data: Path, root: Path, *extra: str, fault: dict | None = None) ->
     root.mkdir(parents=True, exist_ok=True)
     configs = ["--config", str(RECIPE)]
     if fault is not None:
-        callback = {"class_path": "fault_injection.SignalAt", "init_args": fault}
+        callback = {"class_path": "helpers.fault_injection.SignalAt", "init_args": fault}
         (root / "fault.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
         configs += ["--config", str(root / "fault.yaml")]
     argv = [

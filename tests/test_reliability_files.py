@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint, tiny_tokenizer
-from test_train_cli import train, write_copy_task
+from helpers.cli import one_line_error
+from helpers.tiny_models import tiny_checkpoint, tiny_tokenizer
+from helpers.training import train, write_copy_task
 
 from nmt_moe.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, export_bundle, save_checkpoint
 from nmt_moe.cli import main
@@ -40,14 +41,6 @@ def crafted_checkpoint(path: Path, marker: Path) -> Path:
     checkpoint["callbacks"] = {"Evil": RunsCode(marker)}
     torch.save(checkpoint, path)
     return path
-
-
-def one_line_error(err: str) -> str:
-    """The error line of a CLI's stderr; fails when there is a traceback or several error lines."""
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.fixture(autouse=True)

@@ -19,26 +19,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-import yaml
-from test_reliability_nonfinite import Regression
-from test_train_cli import RECIPE, write_copy_task
+from helpers.training import RECIPE, Regression
 
 from nmt_moe.training.faults import GracefulInterrupt, SafeCheckpointIO, TrainingInterrupted, exit_code
 
 MAX_STEPS, EVERY = 15, 3  # last.ckpt every 3 steps (and at the end); validation at step 10
-
-
-@pytest.fixture(scope="module")
-def copy_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_copy data, prepared once here so that concurrent runs only read the cache."""
-    from nmt_moe.data.datamodule import TranslationDataModule
-
-    data = write_copy_task(tmp_path_factory.mktemp("copy_data"))
-    settings = yaml.safe_load(RECIPE.read_text())["data"]
-    settings.update({split: str(data / split) for split in ("train", "valid", "test")})
-    settings["cache_dir"] = str(data / "cache")
-    TranslationDataModule(**settings).prepare_data()
-    return data
 
 
 def start(data: Path, root: Path, *extra: str) -> subprocess.Popen:

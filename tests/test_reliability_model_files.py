@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint
-from test_reliability_files import one_line_error
-from test_train_cli import RECIPE
+from helpers.cli import one_line_error
+from helpers.tiny_models import tiny_checkpoint
+from helpers.training import RECIPE
 
 from nmt_moe.checkpoint import CONFIG_FILE, export_bundle, load_model
 from nmt_moe.cli import main

@@ -11,36 +11,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from test_train_cli import train, write_copy_task
+from helpers.training import Regression, train, write_copy_task
 
 from nmt_moe.training.faults import EXIT_NONFINITE, NonFiniteGuard
-
-
-class Regression(pl.LightningModule):
-    """y = w x with Adam; the loss is made NaN (or the gradient infinite) at chosen batches."""
-
-    def __init__(self, nan_loss_at: set[int], inf_grad_at: set[int]) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
-        self.nan_loss_at, self.inf_grad_at = nan_loss_at, inf_grad_at
-        self.weights: list[torch.Tensor] = []  # after every batch
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.layer(x), y)
-        if batch_idx in self.nan_loss_at:
-            loss = loss * float("nan")
-        return loss
-
-    def on_after_backward(self) -> None:
-        if self.trainer.fit_loop.epoch_loop.batch_idx in self.inf_grad_at:
-            self.layer.weight.grad[0, 0] = float("inf")  # finite loss, overflowing gradient
-
-    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-        self.weights.append(self.layer.weight.detach().clone())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=0.1)
 
 
 def fit_regression(nan_loss_at: set[int], inf_grad_at: set[int], max_consecutive: int, steps: int = 8):

@@ -152,7 +152,7 @@ def run_stops(data: Path, tmp_path: Path, gate: str, stops: dict[str, dict]) -> 
     reference = start(recipe_config(data, tmp_path / "reference", gate), tmp_path / "reference")
     victims = {}
     for name, init_args in stops.items():
-        fault = {"class_path": "fault_injection.SignalAt", "init_args": init_args}
+        fault = {"class_path": "helpers.fault_injection.SignalAt", "init_args": init_args}
         victims[name] = start(recipe_config(data, tmp_path / name, gate, fault), tmp_path / name)
     for name, victim in victims.items():
         killed = stops[name].get("signal") == "SIGKILL"

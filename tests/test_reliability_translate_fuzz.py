@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_checkpoint import WORDS, tiny_checkpoint
+from helpers.tiny_models import WORDS, tiny_checkpoint
 
 from nmt_moe.cli import main
 from nmt_moe.decoding.translate import read_lines

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint, tiny_model
+from helpers.tiny_models import tiny_checkpoint, tiny_model
 
 from nmt_moe.cli import main
 from nmt_moe.decoding.greedy import greedy_decode

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from concurrent.futures import wait
 
-from test_checkpoint import tiny_corpus
-from tiny_trained import trained_tiny_model
+from helpers.tiny_models import tiny_corpus
+from helpers.tiny_trained import trained_tiny_model
 
 from nmt_moe.decoding.translate import DecodeOptions, encode_sources, translate_lines
 from nmt_moe.serving.batcher import DynamicBatcher, Settings

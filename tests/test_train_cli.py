@@ -4,7 +4,6 @@ translate on their own, reload to the same validation loss and resume; W&B offli
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -12,32 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
+from helpers.training import RECIPE, train, write_copy_task
 
 from nmt_moe.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "tiny_copy" / "config.yaml"
-
-
-def write_copy_task(out_dir: Path) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "make_data", ROOT / "recipes" / "tiny_copy" / "make_data.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_copy_task(out_dir)
-
-
-def train(subcommand: str, data: Path, root: Path, *extra: str) -> int:
-    """`nmt-moe train <subcommand>` in-process on the tiny_copy recipe, data and outputs redirected."""
-    argv = [
-        "train", subcommand, "--config", str(RECIPE),
-        "--data.train", str(data / "train"), "--data.valid", str(data / "valid"),
-        "--data.test", str(data / "test"), "--data.cache_dir", str(data / "cache"),
-        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", *extra,
-    ]  # fmt: skip
-    return main(argv)
 
 
 def csv_metrics(root: Path, version: int) -> list[dict[str, float]]:

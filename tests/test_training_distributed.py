@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_cli import RECIPE, write_copy_task
+from helpers.training import RECIPE, write_copy_task
 
 
 def nmt_moe_train(*args: str, cwd: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import wandb
-from test_train_cli import train, write_copy_task
+from helpers.training import train, write_copy_task
 
 from nmt_moe.training.progress import TrainingProgress, format_duration, quiet_library_noise
 from nmt_moe.training.tracking import latest_training_run, log_model_artifact

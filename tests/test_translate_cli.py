@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint
+from helpers.tiny_models import tiny_checkpoint
 
 from nmt_moe.checkpoint import export_bundle, load_model
 from nmt_moe.cli import main

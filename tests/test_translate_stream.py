@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_checkpoint import tiny_corpus
-from tiny_trained import trained_tiny_checkpoint
+from helpers.tiny_models import tiny_corpus
+from helpers.tiny_trained import trained_tiny_checkpoint
 
 from nmt_moe.cli import main
 

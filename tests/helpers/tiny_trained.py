@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 
 import torch
-from test_checkpoint import tiny_corpus, tiny_tokenizer
+from helpers.tiny_models import tiny_corpus, tiny_tokenizer
 
 from nmt_moe.checkpoint import save_checkpoint
 from nmt_moe.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer

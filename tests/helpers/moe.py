@@ -1,10 +1,12 @@
-"""Builders the MoE tests share."""
+"""Builders and references the MoE tests share."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from nmt_moe.moe import MoELayer
+from nmt_moe.moe.experts import Experts, _activate
 
 
 def random_router_layer(
@@ -20,3 +22,12 @@ def random_router_layer(
         if layer.loss_free_bias:
             layer.expert_bias.normal_(std=0.3)
     return layer
+
+
+def expert_forward(experts: Experts, x: Tensor, expert: int) -> Tensor:
+    """One expert on x [..., d] with plain autograd ops (no dropout): the slow reference for tests."""
+    pre = x @ experts.w_in[expert]
+    if experts.b_in is not None:
+        pre = pre + experts.b_in[expert]
+    out = _activate(pre, experts.activation) @ experts.w_out[expert]
+    return out if experts.b_out is None else out + experts.b_out[expert]

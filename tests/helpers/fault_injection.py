@@ -1,7 +1,8 @@
 """Callbacks that inject real faults into a `nmt-moe train` process at an exact point of training.
 
-Tests add them to a run's config (`trainer.callbacks`) with this directory on PYTHONPATH, so the signal
-arrives where the test needs it rather than wherever a polling parent happens to catch the child.
+Tests add them to a run's config (`trainer.callbacks`, `helpers.fault_injection.SignalAt`) with tests/ on
+PYTHONPATH, so the signal arrives where the test needs it rather than wherever a polling parent happens to
+catch the child.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Test-only reference: beam_search exactly as it was before the issue-18 restructure (commit b94f11b).
 
-The property tests (test_decoding_equivalence.py) check that the restructured search returns the same
+The property tests (tests/decoding/test_equivalence.py) check that the restructured search returns the same
 hypotheses, scores and experts as this one, bit for bit. Do not edit it to follow the new code.
 """
 
