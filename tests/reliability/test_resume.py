@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "multi30k_multilingual" / "config.yaml"
 MAX_STEPS, VAL_EVERY, AVERAGE_EVERY = 40, 4, 3
 MIN_STEPS_AFTER_RESUME = 30

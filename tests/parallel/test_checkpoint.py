@@ -4,7 +4,7 @@ rank writes only its own experts and nothing gathers them while saving; a checkp
 
 Each rank is a process started by torch.multiprocessing with the torchrun environment variables, so
 Lightning joins the existing processes instead of launching (strategy="ddp" would re-launch pytest).
-Run with `python -m pytest -q -m distributed tests/test_parallel_checkpoint.py` (deselected by default).
+Run with `python -m pytest -q -m distributed tests/parallel/test_checkpoint.py` (deselected by default).
 """
 
 from __future__ import annotations

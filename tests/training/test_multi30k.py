@@ -11,7 +11,7 @@ import torch
 
 from nmt_moe.cli import main
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_copy" / "config.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny_copy" / "config.yaml"
 
 
 def write_subset(multi30k: Path, out: Path, sizes: dict[str, tuple[str, int]]) -> Path:

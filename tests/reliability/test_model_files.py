@@ -128,7 +128,7 @@ def test_oversized_configs_are_refused_before_anything_is_allocated(bundle: Path
         edit_config(copy, **changes)
         bundles[name] = str(copy)
     (tmp_path / "in.txt").write_text("a man\n")
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
     script = LIMITED_SCRIPT.format(limit=ADDRESS_SPACE_LIMIT)
     argv = [sys.executable, "-c", script, json.dumps(bundles), str(tmp_path / "in.txt")]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)

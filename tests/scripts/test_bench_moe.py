@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_moe.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_moe.py"
 TINY = ["--tokens", "256", "--d-model", "32", "--d-hidden", "64", "--repeats", "1", "--no-pypi"]
 
 

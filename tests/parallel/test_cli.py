@@ -3,7 +3,7 @@ subprocess: strategy=ddp would re-launch pytest); its checkpoint resumes on the 
 one process, and re-shards to 2 ranks with the outputs of one process. Checkpoints are sharded directories
 (torch.distributed.checkpoint); `nmt-moe translate` reads them directly.
 
-Run with `python -m pytest -q -m distributed tests/test_parallel_cli.py` (deselected by default).
+Run with `python -m pytest -q -m distributed tests/parallel/test_cli.py` (deselected by default).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from nmt_moe.sharded_checkpoint import full_checkpoint, is_sharded_checkpoint
 
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny_copy" / "config.yaml"
 
 

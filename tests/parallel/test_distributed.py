@@ -1,7 +1,7 @@
 """Expert parallelism with 2 CPU processes (gloo): the sharded layer and a sharded training step match one
 process on the concatenated batch; skewed routing and empty ranks do not hang; clipping sees the global norm.
 
-Run with `python -m pytest -q -m distributed tests/test_parallel_distributed.py` (deselected by default).
+Run with `python -m pytest -q -m distributed tests/parallel/test_distributed.py` (deselected by default).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from helpers.tiny_trained import trained_tiny_checkpoint
 
 from nmt_moe.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POOL = [*tiny_corpus(40, seed=11), "", "  ", "the dog " * 40]  # empty, blank and over-long lines too
 SETTINGS = [{}, {"beam": 1}, {"beam": 5, "nbest": 2}]  # {} = the server's default beam (5)
 MODEL_ARGS = ["--max-input-tokens", "40"]

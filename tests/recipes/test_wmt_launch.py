@@ -4,9 +4,9 @@ sharded across the two "nodes" (expert_parallel_size 2), then resume from `--ckp
 against the CLI's behaviour (a last checkpoint exists, the step count continues, the loss is finite), not
 against the checkpoint format.
 
-    python -m pytest -q -m distributed tests/test_recipes_wmt_launch.py     (about 1-2 minutes)
+    python -m pytest -q -m distributed tests/recipes/test_wmt_launch.py     (about 1-2 minutes)
 
-The SLURM scripts are checked in tests/test_recipes_wmt.py (they cannot run without a cluster).
+The SLURM scripts are checked in tests/recipes/test_wmt.py (they cannot run without a cluster).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from helpers.data import write_wmt_layout
 
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "wmt14_en_de"
 # What a few hundred lines of toy data support (run.sh --smoke uses the same); the model is reduced.yaml's.
 DATA_FLAGS = ["vocab_size", "200", "spm_model_type", "bpe", "max_tokens", "1024", "num_workers", "0",

@@ -1,5 +1,5 @@
 """Expert sharding and re-sharding math in one process (the multi-process tests are in
-test_parallel_distributed.py and test_parallel_cli.py, behind the `distributed` marker)."""
+tests/parallel/test_distributed.py and test_cli.py, behind the `distributed` marker)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_sharding_a_batchwise_layer_makes_its_top_m_global() -> None:
     layer = MoELayer(d_model=4, d_hidden=4, num_experts=4, k=2, gate="batchwise")
     assert not layer.gate.global_batch
     parallel.shard_experts(layer, layout(0))
-    assert layer.gate.global_batch  # unshard_experts clears it (tests/test_parallel_distributed.py)
+    assert layer.gate.global_batch  # unshard_experts clears it (tests/parallel/test_distributed.py)
 
 
 def test_expert_parallel_needs_torch_distributed() -> None:

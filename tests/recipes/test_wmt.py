@@ -3,7 +3,7 @@ paper's size (`nmt-moe plan` against Table 2's parameters and ops/timestep), the
 only in their languages, validation and checkpoint monitors agree, run.sh and the SLURM scripts are valid
 bash, `run.sh --smoke` runs the whole recipe on tiny local data (slow) and `run.sh --reduced` runs it at
 reduced size on 100k WMT-shaped pairs from Multi30k with balanced expert load (slow: 50 min for en->de
-on the loaded 2-core box, 21.6 CPU-minutes). Multi-node launching: tests/test_recipes_wmt_launch.py."""
+on the loaded 2-core box, 21.6 CPU-minutes). Multi-node launching: tests/recipes/test_wmt_launch.py."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from helpers.data import write_wmt_layout
 
 from nmt_moe.plan import GIB, plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 WMT = [RECIPES / "wmt14_en_de", RECIPES / "wmt14_en_fr"]
 CONFIGS = [recipe / name for recipe in WMT for name in ("config.yaml", "config_flat32.yaml")]

@@ -15,7 +15,7 @@ from helpers.tiny_trained import trained_tiny_checkpoint
 
 from nmt_moe.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINES = ["a man plays with the ball", "", "   ", "the red cat sits", *tiny_corpus(6, seed=5), "caf\u00e9 dog"]
 
 

@@ -18,7 +18,7 @@ from helpers.data import spm_sample, write_corpus
 from nmt_moe.data import pipeline
 from nmt_moe.data.pipeline import CACHE_VERSION, PipelineConfig, prepare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(train: str, **overrides: object) -> PipelineConfig:

@@ -27,7 +27,7 @@ from nmt_moe.training.module import update_balancing_biases
 
 pytestmark = pytest.mark.distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD, TOKENS, D_MODEL = 2, 40, 8
 
 

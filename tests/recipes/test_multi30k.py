@@ -18,7 +18,7 @@ import yaml
 
 from nmt_moe.models import Seq2Seq, parameter_counts
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 EN_DE, DENSE, MULTI = (
     RECIPES / name for name in ("multi30k_en_de", "multi30k_dense", "multi30k_multilingual")
 )

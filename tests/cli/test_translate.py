@@ -203,7 +203,7 @@ def test_stdin_to_stdout_without_lightning(checkpoint: Path) -> None:
 @pytest.mark.slow
 def test_real_training_checkpoint_export_translate_average(tmp_path: Path) -> None:
     """The whole path users take: `nmt-moe train` (tiny_copy recipe) -> export / average -> translate."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "WANDB_MODE": "offline"}
     options = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     make_data = [sys.executable, str(root / "recipes/tiny_copy/make_data.py"), "data/tiny_copy"]
