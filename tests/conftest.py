@@ -10,12 +10,12 @@ import pytest
 
 pytest.register_assert_rewrite("helpers")  # their asserts explain failures as a test's do
 
+from helpers.paths import MULTI30K  # noqa: E402  (imported after the line above: rewritten)
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 
 
 @pytest.fixture(autouse=True)

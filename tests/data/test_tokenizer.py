@@ -30,7 +30,7 @@ def m30k_lines(multi30k: Path) -> tuple[list[str], list[str]]:
 
 @pytest.fixture(scope="module")
 def multi30k(request: pytest.FixtureRequest) -> Path:  # module-scoped twin of conftest's fixture
-    from conftest import MULTI30K
+    from helpers.paths import MULTI30K
 
     if not (MULTI30K / "train.en").exists():
         pytest.skip(f"Multi30k not found at {MULTI30K}")
