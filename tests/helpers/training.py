@@ -8,9 +8,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from helpers.paths import ROOT
 from nmt_moe.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny_copy" / "config.yaml"
 
 
