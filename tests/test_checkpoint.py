@@ -1,18 +1,16 @@
 """Checkpoint loading, export bundles, averaging and atomic writes (nmt_moe/checkpoint.py).
 
-Also home of the tiny model helpers the translate and evaluate tests import (`tiny_tokenizer`,
-`tiny_model`, `tiny_checkpoint`): a real Seq2Seq with MoE layers and a real SentencePiece model,
-small enough to build in well under a second.
+The tiny model builders (`tiny_tokenizer`, `tiny_model`, `tiny_checkpoint`): tests/helpers/tiny_models.py.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 from nmt_moe.averaging import average_checkpoints, last_checkpoints
 from nmt_moe.checkpoint import (
@@ -27,38 +25,7 @@ from nmt_moe.checkpoint import (
 )
 from nmt_moe.cli.average import main as average_main
 from nmt_moe.cli.export import main as export_main
-from nmt_moe.data.tokenizer import Tokenizer, train_tokenizer
 from nmt_moe.decoding.beam import beam_search
-from nmt_moe.models import Seq2Seq, Seq2SeqConfig
-from nmt_moe.moe import MoEConfig
-
-WORDS = "a man woman dog cat runs sits on the red blue green big small house street ball plays with".split()
-
-
-def tiny_corpus(n: int = 300, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) for _ in range(n)]
-
-
-def tiny_tokenizer(vocab_size: int = 64) -> Tokenizer:
-    return train_tokenizer(tiny_corpus(), vocab_size, model_type="bpe")
-
-
-def tiny_model(vocab_size: int, seed: int = 0, ffn: str = "moe") -> Seq2Seq:
-    torch.manual_seed(seed)
-    model = Seq2Seq(Seq2SeqConfig(
-        vocab_size=vocab_size, embed_dim=16, hidden_size=16, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, ffn=ffn, moe=MoEConfig(num_experts=4, k=2, d_hidden=16),
-    ))  # fmt: skip
-    return model.eval()
-
-
-def tiny_checkpoint(path: Path, seed: int = 0, **extra: object) -> tuple[Seq2Seq, Tokenizer]:
-    """A training-format checkpoint of a random tiny model at `path`."""
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(tokenizer.vocab_size, seed)
-    save_checkpoint(path, model, tokenizer, **extra)
-    return model, tokenizer
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:

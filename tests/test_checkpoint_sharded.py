@@ -1,7 +1,7 @@
 """Sharded checkpoint directories (nmt_moe/sharded_checkpoint.py) as the consumers read them: `translate`,
 `export` and `average` give what they give for one-file checkpoints, read one tensor at a time (peak memory
 measured in a subprocess), refuse unsafe metadata, and a save that dies midway leaves the previous
-checkpoint usable. The directories here are written by one process; tests/test_parallel_checkpoint.py
+checkpoint usable. The directories here are written by one process; tests/parallel/test_checkpoint.py
 writes them from 4 ranks."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_checkpoint, tiny_model, tiny_tokenizer
+from helpers.tiny_models import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 import nmt_moe.sharded_checkpoint as sharded
 from nmt_moe.averaging import average_checkpoints

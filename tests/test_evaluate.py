@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_checkpoint import tiny_checkpoint, tiny_corpus
+from helpers.tiny_models import tiny_checkpoint, tiny_corpus
 
 from nmt_moe.cli import main
 

@@ -1,12 +1,19 @@
-"""The package's layering, kept true: no import cycle anywhere in nmt_moe (imports inside functions count),
-and the MoE layer stays usable on its own (nothing under moe/ imports models, data, training or decoding)."""
+"""The package's layering (docs/ARCHITECTURE.md), kept true; imports inside functions count:
+- no import cycle anywhere in nmt_moe;
+- the MoE layer stays usable on its own: nothing under moe/ imports anything outside moe/ (so not models,
+  data, training, decoding, serving or cli);
+- models/ imports only moe/ and the tokenizer's constants (nmt_moe.data.tokenizer's UPPER_CASE names);
+- nothing in the package imports nmt_moe.cli: it is the top layer, called only by the `nmt-moe` entry point;
+- no test file imports another test file (shared code is in tests/helpers/ and conftest.py)."""
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nmt_moe"
+TESTS = Path(__file__).resolve().parent
 
 
 def module_name(path: Path) -> str:
@@ -14,18 +21,34 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def import_statements(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import in `path`, wherever it stands: `import a.b` -> ("a.b", []),
+    `from a import b, c` -> ("a", ["b", "c"]); relative imports resolved against the file's package."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    statements = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            statements += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # from . import x / from ..y import z
+                parent = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                module = f"{parent}.{module}" if module else parent
+            statements.append((module, [alias.name for alias in node.names]))
+    return statements
+
+
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """The nmt_moe modules `path` imports, wherever in the file the import stands."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        found |= {name for name in names if name in modules}
+    for module, names in import_statements(path):
+        found |= {name for name in [module, *(f"{module}.{n}" for n in names)] if name in modules}
     return found
+
+
+def in_layer(module: str, layer: str) -> bool:
+    """Whether `module` is the package or module `layer` or lies under it."""
+    return module == layer or module.startswith(layer + ".")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -68,6 +91,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 
 def test_moe_imports_only_itself() -> None:
+    """Stricter than "not models, data, training, decoding, serving or cli": nothing outside moe/ at all."""
     outside = {
         (name, dep)
         for name, deps in import_graph().items()
@@ -76,3 +100,103 @@ def test_moe_imports_only_itself() -> None:
         if not dep.startswith("nmt_moe.moe")
     }
     assert not outside
+
+
+def models_violations(statements: dict[str, list[tuple[str, list[str]]]], modules: set[str]) -> list[str]:
+    """Imports by nmt_moe.models.* of package code other than models/, moe/ and the tokenizer's constants."""
+    found = []
+    for name, imports in sorted(statements.items()):
+        if not in_layer(name, "nmt_moe.models"):
+            continue
+        for module, names in imports:
+            # `from nmt_moe import moe` imports the module nmt_moe.moe; `from nmt_moe.x import y`: from x
+            targets = dict.fromkeys(f"{module}.{n}" if f"{module}.{n}" in modules else module for n in names)
+            for target in targets or [module]:
+                if not in_layer(target, "nmt_moe") or in_layer(target, "nmt_moe.models"):
+                    continue
+                if in_layer(target, "nmt_moe.moe"):
+                    continue
+                if target == "nmt_moe.data.tokenizer" and names and all(n.isupper() for n in names):
+                    continue  # PAD_ID and the like: constants of the tokenizer contract
+                found.append(f"{name} imports {target} {names}")
+    return found
+
+
+def package_statements() -> tuple[dict[str, list[tuple[str, list[str]]]], set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: import_statements(path) for name, path in paths.items()}, set(paths)
+
+
+def test_models_import_only_moe_and_the_tokenizer_constants() -> None:
+    statements, modules = package_statements()
+    assert not models_violations(statements, modules)
+
+
+def test_the_models_rule_catches_other_imports() -> None:
+    modules = {"nmt_moe", "nmt_moe.moe", "nmt_moe.data", "nmt_moe.data.tokenizer", "nmt_moe.training.module"}
+    allowed = {
+        "nmt_moe.models.x": [
+            ("torch", ["nn"]), ("nmt_moe.moe", ["MoELayer"]), ("nmt_moe", ["moe"]),
+            ("nmt_moe.data.tokenizer", ["PAD_ID", "EOS_ID"]), ("nmt_moe.models.y", ["Z"]),
+        ]
+    }  # fmt: skip
+    assert models_violations(allowed, modules) == []
+    for bad in [("nmt_moe.data.tokenizer", ["Tokenizer"]), ("nmt_moe.data.tokenizer", []),
+                ("nmt_moe.training.module", ["X"]), ("nmt_moe", ["data"]),
+                ("nmt_moe.data.tokenizer", ["PAD_ID", "Tokenizer"])]:  # fmt: skip
+        assert len(models_violations({"nmt_moe.models.x": [bad]}, modules)) == 1, bad
+
+
+def cli_importers(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """(importer, cli module) for every import of nmt_moe.cli or its submodules from outside it."""
+    return {
+        (name, dep)
+        for name, deps in graph.items()
+        if not in_layer(name, "nmt_moe.cli")
+        for dep in deps
+        if in_layer(dep, "nmt_moe.cli")
+    }
+
+
+def test_nothing_in_the_package_imports_the_cli() -> None:
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"nmt-moe": "nmt_moe.cli:main"}  # the one caller of nmt_moe.cli
+    assert not cli_importers(import_graph())
+
+
+def test_the_cli_rule_catches_an_import() -> None:
+    graph = {"nmt_moe.cli": {"nmt_moe.cli.train"}, "nmt_moe.cli.train": set(), "nmt_moe.serving.app": set()}
+    assert not cli_importers(graph)
+    graph["nmt_moe.serving.app"] = {"nmt_moe.cli.errors"}
+    assert cli_importers(graph) == {("nmt_moe.serving.app", "nmt_moe.cli.errors")}
+
+
+def imported_test_modules(source: str) -> list[str]:
+    """The test modules (test_*) and conftests that Python `source` imports."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+            if node.level or not node.module:  # from . import test_x
+                names += [alias.name for alias in node.names]
+    return [name for name in names if any(p.startswith("test_") or p == "conftest" for p in name.split("."))]
+
+
+def test_no_test_file_imports_another() -> None:
+    """Test modules are collected, not imported (--import-mode=importlib); what they share is in helpers/."""
+    found = {
+        str(path.relative_to(TESTS)): names
+        for path in sorted(TESTS.rglob("*.py"))
+        if (names := imported_test_modules(path.read_text()))
+    }
+    assert not found
+
+
+def test_the_test_import_rule_catches_an_import() -> None:
+    source = "import helpers.data\nfrom helpers.training import test_data\nfrom test_beam import toy_batch\n"
+    source += (
+        "def f():\n    from conftest import MULTI30K\n    from .test_x import y\n    import data.test_cache\n"
+    )
+    assert sorted(imported_test_modules(source)) == ["conftest", "data.test_cache", "test_beam", "test_x"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import tiny_corpus
-from tiny_trained import trained_tiny_checkpoint
+from helpers.tiny_models import tiny_corpus
+from helpers.tiny_trained import trained_tiny_checkpoint
 
 from nmt_moe.checkpoint import load_model
 from nmt_moe.cli import main

@@ -259,12 +259,6 @@ def _sample_arrays(
         yield from _column_arrays(ds.select_columns([column]).select(chosen), (column,))
 
 
-def spm_sample(ds: datasets.Dataset, columns: tuple[str, ...], size: int, seed: int) -> Iterator[str]:
-    """The SentencePiece sample (see `_sample_arrays`) as Python strings, in the order it is drawn."""
-    for array in _sample_arrays(ds, columns, size, seed):
-        yield from array.to_pylist()
-
-
 SAMPLE_SCHEMA = pa.schema([("text", pa.large_string())])
 
 

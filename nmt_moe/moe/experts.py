@@ -314,14 +314,6 @@ class Experts(nn.Module):
             self._cast_cache = (key, [None if p is None else p.detach().to(dtype) for p in params])
         return self._cast_cache[1]
 
-    def expert_forward(self, x: Tensor, expert: int) -> Tensor:
-        """One expert on x [..., d] with plain autograd ops (no dropout): the slow reference for tests."""
-        pre = x @ self.w_in[expert]
-        if self.b_in is not None:
-            pre = pre + self.b_in[expert]
-        out = _activate(pre, self.activation) @ self.w_out[expert]
-        return out if self.b_out is None else out + self.b_out[expert]
-
 
 class FeedForward(nn.Module):
     """Dense FFN, d_model -> d_hidden -> d_model: the dense baseline and the shared experts."""

@@ -8,7 +8,7 @@
 # only training runs under srun (run.sh's TRAIN_LAUNCHER). The experts are sharded over all 64 GPUs
 # (expert_parallel_size 64): `nmt-moe plan recipes/wmt14_en_de/config.yaml --gpus 64
 # --expert-parallel-size 64` gives the memory per GPU. Generated settings must agree with config.yaml:
-# tests/test_recipes_wmt.py checks them and `bash -n`s this file.
+# tests/recipes/test_wmt.py checks them and `bash -n`s this file.
 #SBATCH --job-name=wmt14_en_de
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
