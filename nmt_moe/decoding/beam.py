@@ -203,7 +203,7 @@ def beam_search(
     *,
     beam_size: int = DecodeOptions.beam_size,
     nbest: int = DecodeOptions.nbest,
-    alpha: float = 0.0,  # the raw model score; DecodeOptions.alpha is the length penalty the CLIs use
+    alpha: float = DecodeOptions.alpha,
     beta: float = DecodeOptions.beta,
     max_len_a: float = DecodeOptions.max_len_a,
     max_len_b: float = DecodeOptions.max_len_b,

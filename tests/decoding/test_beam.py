@@ -79,7 +79,7 @@ def test_coverage_penalty_ignores_padding_and_caps_at_one() -> None:
 def test_beam_one_equals_greedy() -> None:
     model = ToyModel(vocab=12, hidden=16, seed=6)
     src, lengths = toy_batch([5, 9, 3, 7, 12, 4], vocab=12)
-    hyps = beam_search(model, src, lengths, beam_size=1, max_len_a=1.0, max_len_b=3)
+    hyps = beam_search(model, src, lengths, beam_size=1, alpha=0.0, max_len_a=1.0, max_len_b=3)
     limits = max_target_lengths(lengths, 1.0, 3).tolist()
     assert any(len(h[0].tokens) == limit for h, limit in zip(hyps, limits, strict=True)), (
         "no sentence hit max"

@@ -121,5 +121,5 @@ def test_translate_greedy_path_equals_beam_one_bit_for_bit(kind: int) -> None:
         src, lengths = random_batch(rng, 12)
         min_len = rng.choice([0, 2])
         greedy = search_batch(model, src, lengths, DecodeOptions(beam_size=1, alpha=0.0, min_len=min_len))
-        beam = beam_search(model, src, lengths, beam_size=1, min_len=min_len)
+        beam = beam_search(model, src, lengths, beam_size=1, alpha=0.0, min_len=min_len)
         assert_same(greedy, beam)
