@@ -200,3 +200,57 @@ def test_the_test_import_rule_catches_an_import() -> None:
         "def f():\n    from conftest import MULTI30K\n    from .test_x import y\n    import data.test_cache\n"
     )
     assert sorted(imported_test_modules(source)) == ["conftest", "data.test_cache", "test_beam", "test_x"]
+
+
+# The layers of docs/ARCHITECTURE.md, lowest first: a module imports only from its own layer or below.
+LAYERS: list[set[str]] = [
+    {"nmt_moe.moe", "nmt_moe.data", "nmt_moe.atomic_files", "nmt_moe.allocator"},
+    {"nmt_moe.models"},
+    {
+        "nmt_moe.model_files",
+        "nmt_moe.sharded_checkpoint",
+        "nmt_moe.checkpoint",
+        "nmt_moe.averaging",
+        "nmt_moe.plan",
+    },
+    {"nmt_moe.decoding", "nmt_moe.evaluation", "nmt_moe.scoring", "nmt_moe.routing"},
+    {"nmt_moe.training", "nmt_moe.serving"},
+    {"nmt_moe.cli"},
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the unit holding `module` (None for the package root `nmt_moe` itself)."""
+    for index, units in enumerate(LAYERS):
+        if any(in_layer(module, unit) for unit in units):
+            return index
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of a higher layer, and modules no layer holds (a new unit must be placed in LAYERS)."""
+    found = []
+    for name, deps in sorted(graph.items()):
+        if name == "nmt_moe":
+            continue
+        own = layer_of(name)
+        if own is None:
+            found.append(f"{name} is in no layer of LAYERS")
+            continue
+        found += [f"{name} (layer {own}) imports {dep}" for dep in sorted(deps) if (layer_of(dep) or 0) > own]
+    return found
+
+
+def test_every_module_imports_only_its_own_layer_or_below() -> None:
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_rule_catches_an_upward_import_and_an_unplaced_module() -> None:
+    graph = {"nmt_moe.models.seq2seq": {"nmt_moe.moe.layer"}, "nmt_moe.decoding.beam": {"nmt_moe.models"}}
+    assert upward_imports(graph) == []
+    graph["nmt_moe.models.seq2seq"].add("nmt_moe.decoding.beam")
+    graph["nmt_moe.newthing"] = set()
+    assert upward_imports(graph) == [
+        "nmt_moe.models.seq2seq (layer 1) imports nmt_moe.decoding.beam",
+        "nmt_moe.newthing is in no layer of LAYERS",
+    ]

@@ -1,6 +1,6 @@
 """The LightningCLI behind `nmt-moe train`: its callbacks, argument links, defaults and config checks.
 
-`training/cli.py` runs it and turns its errors into exit codes; this module holds what the CLI is.
+`cli/train.py` runs it and turns its errors into exit codes; this module holds what the CLI is.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class SaveConfigToLoggers(SaveConfigCallback):
 
 
 class TrainCLI(LightningCLI):
-    """LightningCLI with the callbacks, links and checks every nmt-moe run has (see training/cli.py)."""
+    """LightningCLI with the callbacks, links and checks every nmt-moe run has (see cli/train.py)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
