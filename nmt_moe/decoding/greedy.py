@@ -1,8 +1,8 @@
 """Batched greedy decoding, shared by validation during training and by `nmt-moe translate --beam 1`.
 
 It is beam search with one beam and no penalties (same tokens, same scores:
-tests/decoding/test_beam.py), without the beam bookkeeping: one argmax per row and step. The maximum-length rule, eval mode, token ids and the
-EOS block come from `search.py`, as for beam search.
+tests/decoding/test_beam.py), without the beam bookkeeping: one argmax per row and step. The maximum-length
+rule, eval mode, token ids and the EOS block come from `search.py`, as for beam search.
 """
 
 from __future__ import annotations
