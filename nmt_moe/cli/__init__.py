@@ -13,7 +13,7 @@ import sys
 
 from nmt_moe.allocator import keep_freed_memory
 
-# command -> one-line help; the command's code is nmt_moe/cli/<command>.py
+# command -> one-line help; the command's code is nmt_moe/cli/<command>.py ("-" written "_")
 COMMANDS: dict[str, str] = {
     "prepare": "clean, tokenize and cache a parallel corpus",
     "train": "train, validate or test a model (LightningCLI: fit/validate/test)",
@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "average": "average the parameters of several checkpoints",
     "plan": "size a recipe without allocating it: parameters, FLOPs, memory per device",
     "routing": "report which tokens and languages each expert receives",
+    "log-model": "log an exported model as a W&B artifact beside the run that trained it",
 }
 
 
@@ -51,5 +52,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nmt-moe: error: {message}", file=sys.stderr)
         return 2
     keep_freed_memory()  # before the first large tensor: training and decoding reuse their buffers
-    module = importlib.import_module(f"nmt_moe.cli.{command}")
+    module = importlib.import_module(f"nmt_moe.cli.{command.replace('-', '_')}")
     return int(module.main(rest) or 0)

@@ -4,14 +4,12 @@ Training logs through Lightning's `WandbLogger` (metrics, expert-load heat-maps,
 config). Offline runs (the default without an API key) stay on disk until `wandb sync` uploads them, so
 the user is told where they are and the command to run. The exported bundle is made after training, in
 another process, so it is logged by a small "export" run in the training run's group, which records the
-training run's id: W&B shows the model beside the run that produced it.
-
-    python -m nmt_moe.training.tracking log-model --bundle OUT/export --train-dir OUT/train [--wandb auto]
+training run's id: W&B shows the model beside the run that produced it
+(`nmt-moe log-model --bundle OUT/export --train_dir OUT/train`).
 """
 
 from __future__ import annotations
 
-import argparse
 import netrc
 import os
 import sys
@@ -99,27 +97,3 @@ def log_model_artifact(
     finally:
         run.finish()
     return location
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nmt_moe.training.tracking", description="W&B helpers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    log_model = sub.add_parser("log-model", help="log an exported bundle as a W&B model artifact")
-    log_model.add_argument("--bundle", type=Path, required=True, help="what `nmt-moe export` wrote")
-    log_model.add_argument("--train-dir", type=Path, required=True, help="the run's default_root_dir")
-    log_model.add_argument("--wandb", choices=WANDB_MODES, default="auto")
-    log_model.add_argument("--project", default="nmt-moe")
-    args = parser.parse_args(argv)
-    if not (args.bundle / "config.json").is_file():
-        print(f"tracking: error: {args.bundle} is not an exported bundle (no config.json)", file=sys.stderr)
-        return 2
-    os.environ.setdefault("WANDB_SILENT", "true")
-    location = log_model_artifact(args.bundle, args.train_dir, args.wandb, args.project)
-    if location is not None:
-        how = f"; upload it with: wandb sync {location}" if not location.startswith("http") else ""
-        print(f"W&B model artifact logged by the export run {location}{how}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -133,7 +133,7 @@ rm -rf "$OUT/export"
 nmt-moe average --last "$AVERAGE_N" "$OUT/train/average" -o "$OUT/averaged.ckpt"
 nmt-moe export "$OUT/averaged.ckpt" -o "$OUT/export"
 if [[ "$WANDB" != off ]]; then
-  python -m nmt_moe.training.tracking log-model --bundle "$OUT/export" --train-dir "$OUT/train" --wandb "$WANDB"
+  nmt-moe log-model --bundle "$OUT/export" --train_dir "$OUT/train" --wandb "$WANDB"
 fi
 
 : >"$OUT/scores.txt"

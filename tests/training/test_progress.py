@@ -15,9 +15,9 @@ import pytest
 import wandb
 from helpers.training import train, write_copy_task
 
+from nmt_moe.cli import main
 from nmt_moe.training.progress import TrainingProgress, format_duration, quiet_library_noise
 from nmt_moe.training.tracking import latest_training_run, log_model_artifact
-from nmt_moe.training.tracking import main as tracking_main
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss \d+\.\d{3} \| tok/s [\d,]+ \|.* left (\d+)m(\d\d)s$")
 
@@ -93,6 +93,6 @@ def test_the_exported_model_is_logged_as_an_artifact_of_an_export_run(tmp_path: 
 def test_log_model_refuses_a_directory_that_is_not_a_bundle(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = tracking_main(["log-model", "--bundle", str(tmp_path), "--train-dir", str(tmp_path)])
+    code = main(["log-model", "--bundle", str(tmp_path), "--train_dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "not an exported bundle" in err
