@@ -9,7 +9,6 @@ Run with `python -m pytest -q -m distributed tests/parallel/test_cli.py` (desele
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import socket
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.training import RECIPE, write_copy_task
 
 from nmt_moe.checkpoint import load_model, read_model_files
 from nmt_moe.models import Seq2Seq, Seq2SeqConfig
@@ -27,18 +27,6 @@ from nmt_moe.moe import collectives, parallel
 from nmt_moe.sharded_checkpoint import full_checkpoint, is_sharded_checkpoint
 
 pytestmark = pytest.mark.distributed
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "tiny_copy" / "config.yaml"
-
-
-def write_copy_task(out_dir: Path) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "make_data", ROOT / "recipes" / "tiny_copy" / "make_data.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_copy_task(out_dir)
 
 
 def free_port() -> int:

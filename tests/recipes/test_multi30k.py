@@ -5,8 +5,6 @@ hundred lines (slow)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import shutil
 import subprocess
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.cli import print_config
 
 from nmt_moe.models import Seq2Seq, Seq2SeqConfig, parameter_counts
 
@@ -24,22 +23,6 @@ EN_DE, DENSE, MULTI = (
 )
 CONFIGS = [EN_DE / "config.yaml", DENSE / "config.yaml", MULTI / "config.yaml", MULTI / "config_dense.yaml"]
 SMOKE = EN_DE / "smoke.yaml"
-
-
-def print_config(*configs: Path) -> tuple[int, str]:
-    """Exit code and output of `nmt-moe train fit --config ... --print_config` (parses, builds nothing)."""
-    from nmt_moe.cli.train import main as train_main
-
-    args = ["fit"]
-    for config in configs:
-        args += ["--config", str(config)]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            train_main([*args, "--print_config"])
-        except SystemExit as exit_:
-            return int(exit_.code or 0), out.getvalue()
-    return 0, out.getvalue()
 
 
 def build(config: Path) -> Seq2Seq:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.cli import print_config
 from helpers.data import write_wmt_layout
 
 from nmt_moe.plan import GIB, plan
@@ -37,22 +38,6 @@ def load_script(path: Path):  # noqa: ANN201 - a module
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def print_config(*configs: Path) -> tuple[int, str]:
-    """Exit code and output of `nmt-moe train fit --config ... --print_config` (parses, builds nothing)."""
-    from nmt_moe.cli.train import main as train_main
-
-    args = ["fit"]
-    for config in configs:
-        args += ["--config", str(config)]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            train_main([*args, "--print_config"])
-        except SystemExit as exit_:
-            return int(exit_.code or 0), out.getvalue()
-    return 0, out.getvalue()
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
