@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from nmt_moe.models import Seq2SeqConfig
+
 SUFFIX = "/max_load_share"
 
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         try:
             config = json.loads((args.export / "config.json").read_text(encoding="utf-8"))
-            args.num_experts = int(config["model_config"]["num_experts"])
+            args.num_experts = Seq2SeqConfig.from_dict(config["model_config"]).moe.num_experts
         except (OSError, ValueError, KeyError, TypeError) as error:
             print(
                 f"expert_load: error: no num_experts in {args.export}/config.json: {error}", file=sys.stderr

@@ -22,7 +22,9 @@ import pytest
 import yaml
 from helpers.cli import print_config
 from helpers.data import write_wmt_layout
+from helpers.tiny_models import tiny_checkpoint
 
+from nmt_moe.checkpoint import export_bundle
 from nmt_moe.plan import GIB, plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,6 +219,12 @@ def test_expert_load_report_judges_the_busiest_expert(tmp_path: Path) -> None:
     assert "decoder.moe0" in out.getvalue() and "OVER 2x" in out.getvalue()
     with contextlib.redirect_stderr(io.StringIO()):
         assert script.main([str(tmp_path / "missing.csv"), "--num-experts", "4"]) == 2
+    tiny_checkpoint(tmp_path / "tiny.ckpt")  # 4 experts
+    export_bundle(tmp_path / "tiny.ckpt", tmp_path / "export")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the expert count read from an export's (nested) model config
+        assert script.main([str(metrics), "--export", str(tmp_path / "export")]) == 1
+    assert "x 4 experts" in out.getvalue()
 
 
 def test_reduced_corpus_is_deterministic_and_in_wmt_layout(tmp_path: Path, multi30k: Path) -> None:
