@@ -10,7 +10,7 @@
 #   --variant hier2048 (config.yaml, 2048 experts, 8.7B parameters) or flat32 (config_flat32.yaml).
 #   --smoke   the same recipe with tiny sizes (smoke.yaml) on CPU: checks a few hundred lines of local data
 #             in WMT layout go through every step. Needs DATA_DIR to hold the files.
-#   --reduced the recipe as written with reduced.yaml's sizes (64 experts, 128-wide layers, 250 steps) on
+#   --reduced the recipe as written with reduced.yaml's sizes (64 experts, 128-wide layers, 1800 steps) on
 #             CPU, for ~100k pairs in WMT layout (make_reduced_data.py builds them from Multi30k); prints
 #             the expert load per MoE layer after training (expert_load.py). Needs DATA_DIR to hold the files.
 #   TRAIN_ARGS are passed to `nmt-moe train fit` after the configs (e.g. --trainer.max_steps 1000).
