@@ -19,7 +19,8 @@ both sides, so both decoders do the same work whatever their training taught the
 models stop at EOS; trained --steps >= 300 steps they translate, and the JSON gives BLEU and mean lengths;
 max length 1.5 x source length + 5 on both sides, OpenNMT-py per batch, ours per sentence; no length
 penalty). `like_for_like` holds the forced-length ratios (ours over OpenNMT-py), `like_for_like_natural`
-the natural ones; `int8_*` is ours with `--int8` over OpenNMT-py in float32.
+the natural ones; `int8_*` is ours with `--int8` over OpenNMT-py in float32. `fastest_setting` is not like
+for like and says so: ours with `--bf16` against OpenNMT-py's float32 (its fastest CPU setting).
 
 OpenNMT-py pins torch<2.3, so it lives in its own virtual environment (see ../shared/notes/libraries.md;
 `--system-site-packages` reuses this environment's torch):
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "nmt_moe": ours,
         "like_for_like": ratios(ours, onmt, "forced"),
         "like_for_like_natural": ratios(ours, onmt, "natural"),
+        "fastest_setting": fastest_setting(ours, onmt),
     }  # fmt: skip
 
 
@@ -186,6 +188,19 @@ def ratios(ours: dict[str, Any], onmt: dict[str, Any], regime: str) -> dict[str,
         theirs = onmt["translate"][f"{mode}_{regime}"]["sentences_per_s"]
         out[mode] = round(ours["translate"][f"{mode}_{regime}"]["sentences_per_s"] / theirs, 3)
         out[f"int8_{mode}"] = round(ours["translate"][f"{mode}_{regime}_int8"]["sentences_per_s"] / theirs, 3)
+    return out
+
+
+def fastest_setting(ours: dict[str, Any], onmt: dict[str, Any]) -> dict[str, Any]:
+    """Not like for like, labelled as such: ours decoding under bfloat16 autocast (`--bf16`, fast on CPUs
+    with avx512_bf16/AMX) against OpenNMT-py in float32, its fastest CPU setting (it has no int8 or bf16
+    CPU decoding of its own), both regimes, same network and models."""
+    out: dict[str, Any] = {"ours": "bf16 autocast", "opennmt_py": "float32"}
+    for regime in ("forced", "natural"):
+        for mode, _ in MODES:
+            theirs = onmt["translate"][f"{mode}_{regime}"]["sentences_per_s"]
+            mine = ours["translate"][f"{mode}_{regime}_bf16"]["sentences_per_s"]
+            out[f"{mode}_{regime}"] = round(mine / theirs, 3)
     return out
 
 
@@ -374,7 +389,7 @@ def train_ours(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def translate_ours(
     args: argparse.Namespace, export: Path, lines: list[str], refs: list[str]
 ) -> dict[str, Any]:
-    """float32 and int8 models in this process, their passes alternating (a load change hits both)."""
+    """float32, int8 and bf16-autocast passes in this process, alternating (a load change hits all three)."""
     import torch
 
     from nmt_moe.checkpoint import load_model
@@ -394,12 +409,14 @@ def translate_ours(
     for mode, beam in MODES:
         for regime, lengths in regimes.items():
             options = DecodeOptions(beam_size=beam, alpha=0.0, **lengths)
-            times: dict[str, list[float]] = {"": [], "_int8": []}
+            bf16 = DecodeOptions(beam_size=beam, alpha=0.0, bf16=True, **lengths)
+            variants = (("", fp32, options), ("_int8", int8, options), ("_bf16", fp32, bf16))
+            times: dict[str, list[float]] = {suffix: [] for suffix, _, _ in variants}
             for run in range(args.runs + 1):  # run 0 warms up
-                for suffix, model in (("", fp32), ("_int8", int8)):
+                for suffix, model, variant in variants:
                     start = time.perf_counter()
                     with torch.inference_mode():
-                        results = translate_lines(model, tokenizer, lines, options, max_sentences=64,
+                        results = translate_lines(model, tokenizer, lines, variant, max_sentences=64,
                                                   max_tokens=10**9)  # fmt: skip
                         texts = tokenizer.decode([nbest[0].tokens for nbest in results])
                     if run:
