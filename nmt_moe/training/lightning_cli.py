@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import torch
@@ -57,6 +58,17 @@ class SaveConfigToLoggers(SaveConfigCallback):
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config})
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A bad flag or config file is one line on stderr and exit code 2, as in every other command
+    (jsonargparse prints the whole usage, ~190 lines, before its error line)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse parsing internally: it catches this and carries on
+            super().error(message, ex)
+        print(f"nmt-moe train: error: {' '.join(message.split())}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 class TrainCLI(LightningCLI):
@@ -212,4 +224,5 @@ def build_cli(argv: list[str]) -> TrainCLI:
         seed_everything_default=1234,
         auto_configure_optimizers=False,
         parser_kwargs={"prog": "nmt-moe train"},
+        parser_class=OneLineErrorParser,
     )

@@ -267,3 +267,23 @@ def test_wandb_online_only_with_a_configured_key(tmp_path: Path, monkeypatch: py
     (tmp_path / ".netrc").unlink()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_api_key_configured()
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["fit", "--config", "/nonexistent.yaml"], "File does not exist"),
+        (["fit", "--model.lr", "abc"], "model.lr"),
+        (["fit", "--bogus", "1"], "unrecognized arguments"),
+        (["nofit"], "invalid choice"),
+    ],
+)
+def test_a_bad_flag_or_config_is_one_line_and_exit_2(
+    argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """jsonargparse printed the whole usage (~190 lines) before its error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nmt-moe train: error: ") and reason in err, err
