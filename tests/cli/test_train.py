@@ -287,3 +287,17 @@ def test_a_bad_flag_or_config_is_one_line_and_exit_2(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("nmt-moe train: error: ") and reason in err, err
+
+
+def test_a_schedule_that_ends_inside_its_warm_up_is_one_line_before_the_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cosine schedule needs max_steps past warm-up and hold: found before the data is prepared (it was
+    a traceback from configure_optimizers, after the cache was built)."""
+    data, root = write_copy_task(tmp_path / "data"), tmp_path / "run"
+    args = ("--wandb", "off", "--model.schedule", "cosine", "--model.warmup_steps", "50",
+            "--trainer.max_steps", "40")  # fmt: skip
+    assert train("fit", data, root, *args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_steps > warmup_steps + hold_steps" in err and "max_steps=40" in err
+    assert not (data / "cache").exists()  # nothing prepared
