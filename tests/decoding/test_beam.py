@@ -290,7 +290,7 @@ def test_trained_model_beam_never_scores_below_greedy() -> None:
     for seed in (2, 3, 4):
         src, lengths, _ = copy_task_batch(torch.Generator().manual_seed(seed), 48, 16)
         _, greedy_scores = greedy_decode(model, src, lengths)
-        hyps = beam_search(model, src, lengths, beam_size=5)
+        hyps = beam_search(model, src, lengths, beam_size=5, alpha=0.0)  # raw log-probs, as greedy's
         beam_scores = torch.tensor([h[0].log_prob for h in hyps])
         assert (beam_scores >= greedy_scores - 1e-4).all()
         improved += int((beam_scores > greedy_scores + 1e-3).sum())

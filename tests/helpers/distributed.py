@@ -13,10 +13,22 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1, all held open until every one is chosen. Runs started
+    together need their own ports: left to choose one each (Lightning's DDP launcher does), two can draw the
+    same one and join each other's process group (seen: a reference run's rank 1 hung in a victim's group)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def spawn(fn: Any, *args: Any, world: int = WORLD) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.distributed import free_port
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -69,12 +69,6 @@ def trainer(world: int, root: Path, size: int) -> pl.Trainer:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=False, plugins=[SafeCheckpointIO()], default_root_dir=root,
     )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(fn: Any, world: int, *args: Any) -> None:

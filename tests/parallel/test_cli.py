@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers.distributed import free_port
 from helpers.training import RECIPE, write_copy_task
 
 from nmt_moe.checkpoint import load_model, read_model_files
@@ -27,12 +27,6 @@ from nmt_moe.moe import collectives, parallel
 from nmt_moe.sharded_checkpoint import full_checkpoint, is_sharded_checkpoint
 
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def nmt_moe(*argv: str, cwd: Path) -> subprocess.CompletedProcess:

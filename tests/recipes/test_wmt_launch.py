@@ -14,13 +14,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from helpers.data import write_wmt_layout
+from helpers.distributed import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -29,12 +29,6 @@ RECIPE = ROOT / "recipes" / "wmt14_en_de"
 # What a few hundred lines of toy data support (run.sh --smoke uses the same); the model is reduced.yaml's.
 DATA_FLAGS = ["pipeline.vocab_size", "200", "pipeline.spm_model_type", "bpe", "max_tokens", "1024",
               "num_workers", "0", "num_proc", "1"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment() -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.distributed import spawn
+from helpers.distributed import free_ports, spawn
 from helpers.training import RECIPE
 
 from nmt_moe.moe import MoELayer
@@ -91,8 +91,9 @@ DDP_STEPS, SAVE_EVERY, KILL_AT = 12, 3, 7  # the kill interrupts step 8: resume 
 EXIT_WITHIN = 60.0  # seconds
 
 
-def ddp_train(data: Path, root: Path, *extra: str, fault: dict | None = None) -> subprocess.Popen:
-    """`nmt-moe train fit` on the tiny_copy recipe, 2 gloo ranks; `fault`: a SignalAt's init_args."""
+def ddp_train(data: Path, root: Path, *extra: str, port: int, fault: dict | None = None) -> subprocess.Popen:
+    """`nmt-moe train fit` on the tiny_copy recipe, 2 gloo ranks meeting at `port` (runs started together
+    need distinct ports: `free_ports`); `fault`: a SignalAt's init_args."""
     root.mkdir(parents=True, exist_ok=True)
     configs = ["--config", str(RECIPE)]
     if fault is not None:
@@ -110,7 +111,8 @@ def ddp_train(data: Path, root: Path, *extra: str, fault: dict | None = None) ->
         "--trainer.deterministic", "true", *extra,
     ]  # fmt: skip
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -136,12 +138,14 @@ def test_killed_rank_stops_the_others_and_the_run_resumes_exactly(
     copy_data: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    reference = ddp_train(copy_data, tmp_path / "reference")
+    ports = free_ports(4)  # three runs at once, then the resumed one
+    reference = ddp_train(copy_data, tmp_path / "reference", port=ports[0])
     victims = {}
     for rank in (1, 0):  # rank 0 is the process we started; rank 1 its child
         stamp = tmp_path / f"kill{rank}"
         fault = {"when": "backward", "step": KILL_AT, "signal": "SIGKILL", "rank": rank, "stamp": str(stamp)}
-        victims[rank] = (ddp_train(copy_data, tmp_path / f"victim{rank}", fault=fault), stamp)
+        run = ddp_train(copy_data, tmp_path / f"victim{rank}", port=ports[1 + rank], fault=fault)
+        victims[rank] = (run, stamp)
 
     # rank 1 killed: rank 0 (our process) must fail, not hang in the all-reduce
     launcher, stamp = victims[1]
@@ -158,7 +162,7 @@ def test_killed_rank_stops_the_others_and_the_run_resumes_exactly(
 
     last = tmp_path / "victim1" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == KILL_AT - KILL_AT % SAVE_EVERY
-    resumed = ddp_train(copy_data, tmp_path / "victim1", "--ckpt_path", "last")
+    resumed = ddp_train(copy_data, tmp_path / "victim1", "--ckpt_path", "last", port=ports[3])
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     _, err = reference.communicate(timeout=600)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers.distributed import free_port
 from helpers.tiny_models import tiny_corpus
 from helpers.tiny_trained import trained_tiny_checkpoint
 
@@ -30,12 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 POOL = [*tiny_corpus(40, seed=11), "", "  ", "the dog " * 40]  # empty, blank and over-long lines too
 SETTINGS = [{}, {"beam": 1}, {"beam": 5, "nbest": 2}]  # {} = the server's default beam (5)
 MODEL_ARGS = ["--max-input-tokens", "40"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
