@@ -227,14 +227,31 @@ def test_expert_load_report_judges_the_busiest_expert(tmp_path: Path) -> None:
     assert "x 4 experts" in out.getvalue()
 
 
+def joins_sentences(line: str, sentences: set[str], most: int = 3) -> bool:
+    """Whether `line` is 1 to `most` of `sentences` joined by spaces."""
+    if line in sentences:
+        return True
+    return most > 1 and any(
+        line.startswith(head + " ") and joins_sentences(line[len(head) + 1 :], sentences, most - 1)
+        for head in sentences
+    )
+
+
 def test_reduced_corpus_is_deterministic_and_in_wmt_layout(tmp_path: Path, multi30k: Path) -> None:
     script = load_script(RECIPES / "wmt14_en_de" / "make_reduced_data.py")
     first = script.make_reduced_data(tmp_path / "a", multi30k, "fr", pairs=500)
     second = script.make_reduced_data(tmp_path / "b", multi30k, "fr", pairs=500)
-    for name in ("train.en", "train.fr", "newstest2013.fr", "newstest2014.en"):
+    for name in ("train.en", "train.fr", "newstest2013.fr", "newstest2014.en", "newstest2014.fr"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     assert len((first / "train.en").read_text().splitlines()) == 500
-    assert (first / "newstest2014.fr").read_text() == (multi30k / "test_2016_flickr.fr").read_text()
+    # the test sets are WMT-shaped like the training lines: 1-3 sentences of their own Multi30k split
+    for name, split in (("newstest2013", "val"), ("newstest2014", "test_2016_flickr")):
+        for lang in ("en", "fr"):
+            sentences = set((multi30k / f"{split}.{lang}").read_text().splitlines())
+            lines = (first / f"{name}.{lang}").read_text().splitlines()
+            assert len(lines) == len((multi30k / f"{split}.{lang}").read_text().splitlines())
+            assert all(joins_sentences(line, sentences) for line in lines), (name, lang)
+            assert sum(line in sentences for line in lines) < 0.5 * len(lines)  # most lines join several
     with contextlib.redirect_stderr(io.StringIO()):
         assert script.main([str(tmp_path / "c"), "--tgt", "xx", "--multi30k", str(multi30k)]) == 2
 
