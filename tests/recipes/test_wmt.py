@@ -290,6 +290,11 @@ def read_bleu(scores: str) -> float:
     return float(re.search(r"BLEU\D*([0-9.]+)", scores).group(1))
 
 
+def read_length_ratio(scores: str) -> float:
+    """sacreBLEU's hypothesis / reference length ratio."""
+    return float(re.search(r"ratio = ([0-9.]+)", scores).group(1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,tgt", [(WMT[0], "de"), (WMT[1], "fr")], ids=["en_de", "en_fr"])
 def test_reduced_run_learns_with_balanced_experts(
@@ -311,6 +316,8 @@ def test_reduced_run_learns_with_balanced_experts(
         ["bash", str(recipe / "run.sh"), "--reduced", str(data), str(out)],
         capture_output=True, text=True, timeout=4800, env=env,
     )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.log").write_text(result.stdout + result.stderr)  # kept under --basetemp for a look
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert len((out / f"newstest2014.hyp.{tgt}").read_text().splitlines()) == 1000
     rows = list(csv.DictReader((out / "train" / "csv" / "version_0" / "metrics.csv").open(newline="")))
