@@ -12,7 +12,7 @@
 #             in WMT layout go through every step. Needs DATA_DIR to hold the files.
 #   --reduced the recipe as written with reduced.yaml's sizes (64 experts, 128-wide layers, 1800 steps) on
 #             CPU, for ~100k pairs in WMT layout (make_reduced_data.py builds them from Multi30k); exports
-#             the best checkpoint (no averaging, see below) and prints the expert load per MoE layer after
+#             the last checkpoint (no averaging, see below) and prints the expert load per MoE layer after
 #             training (expert_load.py). Needs DATA_DIR to hold the files.
 #   TRAIN_ARGS are passed to `nmt-moe train fit` after the configs (e.g. --trainer.max_steps 1000).
 #   Environment: WANDB=auto|online|offline|off (default auto); TRAIN_LAUNCHER (e.g. srun) and NUM_NODES for
@@ -82,9 +82,9 @@ elif $reduced; then
   data_settings+=(pipeline.vocab_size 4000 max_tokens 2048 num_workers 0 num_proc 2)
   wandb=off  # the CSV log, which expert_load.py reads
   BEAM=5
-  # The best checkpoint alone: 1,800 steps validate every 360 at learning rate >= 0.0022, too far apart to
-  # average. en->de validation BLEU (newstest2013, beam 5): 10.33 for the last, 7.13 for the average of
-  # the last 3, 2.94 for all 5 (reduced.yaml's header).
+  # The last checkpoint alone (the newest of the 5 kept): they are 360 steps apart at learning rate
+  # >= 0.0022, too far apart to average. en->de validation BLEU (newstest2013, beam 5): 10.33 for the
+  # last, 7.13 for the average of the last 3, 2.94 for all 5 (reduced.yaml's header).
   AVERAGE_N=1
 elif [[ -n "${TRAIN_LAUNCHER:-}" ]]; then
   read -r -a launcher <<<"$TRAIN_LAUNCHER"
