@@ -1,8 +1,14 @@
 """A WMT'14-shaped corpus for `run.sh --reduced`, built deterministically from Multi30k.
 
 Writes DIR/train.{en,TGT} (`--pairs` lines, each 1-3 random Multi30k training pairs joined, the same draws
-on both sides: `scripts/bench_data.py`'s builder), DIR/newstest2013.* (Multi30k val) and DIR/newstest2014.*
-(Multi30k test_2016_flickr): the file layout run.sh reads for WMT'14.
+on both sides: `scripts/bench_data.py`'s builder), DIR/newstest2013.* from Multi30k val and
+DIR/newstest2014.* from Multi30k test_2016_flickr: the file layout run.sh reads for WMT'14. The two test
+sets are built the same way as the training set (as many lines as the Multi30k split has sentences, each
+1-3 of its pairs drawn at random and joined; seeds seed+1 and seed+2), so training, validation and test
+lines have the same shape, as in real WMT where a line may hold several sentences. Their sentences come
+from Multi30k's val and test splits only, so they stay disjoint from the training lines. A model trained
+on joined lines and tested on single sentences (the previous layout) learns to run on past the end of a
+sentence: its hypotheses were 1.6x the references' length (README.md, "WMT'14 on GPUs").
 
     python recipes/wmt14_en_de/make_reduced_data.py DIR --tgt de [--pairs 100000] [--multi30k PATH]
 
@@ -13,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -34,10 +39,13 @@ def bench_data() -> ModuleType:
 def make_reduced_data(out: Path, multi30k: Path, tgt: str, pairs: int, seed: int = 0) -> Path:
     """The WMT layout under `out` (see the module docstring); deterministic in its arguments."""
     out.mkdir(parents=True, exist_ok=True)
-    bench_data().make_corpus(multi30k / "train.en", multi30k / f"train.{tgt}", pairs, out / "train", seed)
-    for split, name in (("val", "newstest2013"), ("test_2016_flickr", "newstest2014")):
-        for lang in ("en", tgt):
-            shutil.copyfile(multi30k / f"{split}.{lang}", out / f"{name}.{lang}")
+    make_corpus = bench_data().make_corpus
+    make_corpus(multi30k / "train.en", multi30k / f"train.{tgt}", pairs, out / "train", seed)
+    tests = (("val", "newstest2013"), ("test_2016_flickr", "newstest2014"))
+    for offset, (split, name) in enumerate(tests, start=1):
+        src, ref = multi30k / f"{split}.en", multi30k / f"{split}.{tgt}"
+        lines = len(src.read_text(encoding="utf-8").splitlines())
+        make_corpus(src, ref, lines, out / name, seed + offset)
     return out
 
 
