@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
     from nmt_moe.training.faults import CheckpointWriteError, TrainingInterrupted, exit_code
     from nmt_moe.training.lightning_cli import ConfigError, build_cli
     from nmt_moe.training.progress import quiet_library_noise
+    from nmt_moe.training.schedules import ScheduleError
     from nmt_moe.training.tracking import announce_runs
 
     quiet_library_noise()
@@ -50,6 +51,9 @@ def main(argv: list[str]) -> int:
     try:
         cli = build_cli(argv)
     except ConfigError as error:
+        print(error_line(PROG, f"bad config: {error}"), file=sys.stderr)
+        return 2
+    except ScheduleError as error:  # a cosine schedule that ends inside warm-up + hold
         print(error_line(PROG, f"bad config: {error}"), file=sys.stderr)
         return 2
     except ModelLoadError as error:  # corrupt, unsafe or mismatched checkpoint given as --ckpt_path

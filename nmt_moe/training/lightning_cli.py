@@ -24,7 +24,6 @@ from nmt_moe.training.faults import GracefulInterrupt, NonFiniteGuard, SafeCheck
 from nmt_moe.training.module import TranslationModule
 from nmt_moe.training.old_layout import model_hparams_in_new_layout, old_layout_in_argv
 from nmt_moe.training.progress import TrainingProgress
-from nmt_moe.training.schedules import lr_multiplier
 from nmt_moe.training.tracking import WANDB_MODES, wandb_api_key_configured
 
 
@@ -173,14 +172,8 @@ class TrainCLI(LightningCLI):
         if world % size:
             raise ConfigError(f"model.expert_parallel_size={size} must divide the world size {world} "
                               "(trainer.devices x trainer.num_nodes)")  # fmt: skip
-        hp = self.model.hparams
-        max_steps = hp.get("max_steps") or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
-        if hp.get("schedule") == "cosine" and max_steps is not None:  # else Lightning's estimate, at fit
-            try:  # before the data is set up: the schedule's end against the run's length
-                lr_multiplier("cosine", hp.warmup_steps, max_steps, hp.min_lr_ratio, hp.get("hold_steps", 0))
-            except ValueError as error:
-                raise ConfigError(f"{error} (model.warmup_steps={hp.warmup_steps}, "
-                                  f"model.hold_steps={hp.get('hold_steps', 0)})") from error  # fmt: skip
+        if self.trainer.max_steps > 0:  # the schedule against the run's length before the data is set up
+            self.model.lr_schedule(self.trainer.max_steps)  # (by epochs: at fit, from Lightning's estimate)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -8,7 +8,7 @@ default, under `model.model.*` and `model.model.moe.*`, and nothing here repeats
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -197,14 +197,19 @@ class TranslationModule(pl.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay)
         else:  # adafactor
             optimizer = torch.optim.Adafactor(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        max_steps = hp.max_steps
-        if hp.schedule == "cosine" and max_steps is None:
-            max_steps = int(self.trainer.estimated_stepping_batches)
-        multiplier = lr_multiplier(
-            hp.schedule, hp.warmup_steps, max_steps, hp.min_lr_ratio, hp.get("hold_steps", 0)
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        run_steps = None
+        if hp.schedule == "cosine" and hp.max_steps is None:  # Lightning's estimate sets up the data
+            run_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule(run_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_schedule(self, run_steps: int | None) -> Callable[[int], float]:
+        """The learning-rate multiplier per optimizer step. A cosine schedule ends at `model.max_steps`, or
+        without it at `run_steps` (the run's total optimizer steps); raises ScheduleError if that is inside
+        warm-up + hold."""
+        hp = self.hparams
+        end = hp.max_steps or run_steps
+        return lr_multiplier(hp.schedule, hp.warmup_steps, end, hp.min_lr_ratio, hp.get("hold_steps", 0))
 
     # ---- validation and test ----------------------------------------------------------------------------
 

@@ -14,6 +14,10 @@ from typing import Literal
 Schedule = Literal["inverse_sqrt", "cosine", "constant"]
 
 
+class ScheduleError(ValueError):
+    """A schedule that does not fit the run's length: a bad setting, reported in one line by the CLI."""
+
+
 def lr_multiplier(
     schedule: Schedule,
     warmup_steps: int,
@@ -36,8 +40,9 @@ def lr_multiplier(
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
     decay_start = warmup_steps + hold_steps  # the first step of the decay
     if schedule == "cosine" and (max_steps is None or max_steps <= decay_start):
-        raise ValueError(
-            f"the cosine schedule needs max_steps > warmup_steps + hold_steps, got max_steps={max_steps}"
+        raise ScheduleError(
+            f"the cosine schedule needs max_steps > warmup_steps + hold_steps, got max_steps={max_steps} "
+            f"(warmup_steps={warmup_steps}, hold_steps={hold_steps})"
         )
     if schedule not in ("inverse_sqrt", "cosine", "constant"):
         raise ValueError(f"unknown schedule {schedule!r}: expected 'inverse_sqrt', 'cosine' or 'constant'")

@@ -301,3 +301,18 @@ def test_a_schedule_that_ends_inside_its_warm_up_is_one_line_before_the_data(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "max_steps > warmup_steps + hold_steps" in err and "max_steps=40" in err
     assert not (data / "cache").exists()  # nothing prepared
+
+
+def test_a_schedule_that_ends_inside_its_warm_up_by_epochs_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trained by epochs, the run's length is Lightning's estimate, known only once the data is set up:
+    the same one line, exit 2 (not a traceback from configure_optimizers)."""
+    data, root = write_copy_task(tmp_path / "data"), tmp_path / "run"
+    args = ("--wandb", "off", "--model.schedule", "cosine", "--model.warmup_steps", "100000",
+            "--trainer.max_steps", "-1", "--trainer.max_epochs", "1")  # fmt: skip
+    assert train("fit", data, root, *args) == 2
+    err = capsys.readouterr().err  # the data set up first: `datasets`' progress bars come before the error
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("nmt-moe train: error: ") and "max_steps > warmup_steps + hold_steps" in last, err
+    assert "Traceback" not in err
